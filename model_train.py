@@ -1,0 +1,934 @@
+"""Train a compact CNN (< 200,000 parameters) on CIFAR-10 with Albumentations, Adam and OneCycleLR.
+
+    python model_train.py                          # 75 epochs with the constants below
+    python model_train.py --epochs 10 --lr 2e-3    # any constant, overridden from the command line
+    python model_train.py --resume last_checkpoint.pth
+    python model_train.py --eval best_model.pth
+    python model_train.py --benchmark              # MACs, parameters and images/s; needs no data
+
+The file reads top to bottom: settings, data, model, training and evaluation, reports, main().
+Importing it only defines things, so tests and DataLoader workers can import it freely.
+"""
+import argparse
+import codecs
+import csv
+import io
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+# Albumentations otherwise asks PyPI for a newer version on every import: a network call (and up to a 2 s
+# wait offline) in the main process and in every DataLoader worker.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# ============================================================================================== settings
+# Edit these, or override any of them from the command line: EPOCHS is --epochs, MAX_LR is --max-lr, ...
+# Every UPPER_CASE name in this block becomes a flag, with its comment as the help text.
+EPOCHS = 75             # length of the one-cycle schedule; 20 is the short run, 10 the CPU quick run
+BATCH_SIZE = 128        # images per optimizer step
+LR = 1e-3               # learning rate at the first step; OneCycle warms up from here to MAX_LR
+MAX_LR = 1e-2           # peak learning rate, reached after PCT_START of the steps, then cosine-annealed
+WEIGHT_DECAY = 1e-4     # Adam's L2 penalty on the weights
+PCT_START = 0.2         # fraction of all steps spent warming up: a short warm-up keeps early Adam steps stable
+DROPOUT = 0.1           # dropout at the end of blocks C2-C5: light, as a 176k-parameter net underfits first
+LABEL_SMOOTHING = 0.1   # target 0.9 for the true class: keeps logits from growing without bound
+TTA = True              # also report accuracy with flip test-time augmentation (mean of image and mirror)
+TARGET_ACC = 85.0       # announce the first epoch whose test accuracy (%) reaches this
+MISCLASSIFIED = 20      # how many misclassified test images misclassified.png shows
+SEED = 42               # same seed, same data order, augmentations, weights and metrics (on the CPU)
+DATA_DIR = "./data"     # holds cifar-10-batches-py/ (downloaded there if missing)
+OUT_DIR = "."           # where best_model.pth, last_checkpoint.pth, metrics.csv and the plots go
+WORKERS = "auto"        # DataLoader worker processes: a number, or auto (all but one core, at most 8)
+DEVICE = "auto"         # auto (CUDA, else Apple MPS, else CPU), cuda, mps or cpu
+COMPILE = False         # torch.compile the model: faster steps on a GPU after a minute of compiling
+SETTINGS = [name for name, value in dict(globals()).items()  # the names above, in order
+            if name.isupper() and isinstance(value, (bool, int, float, str))]
+
+MAX_PARAMETERS = 200_000      # the product's promise: the model stays under this many parameters
+MIN_RECEPTIVE_FIELD = 49      # ... and its last convolution sees at least this many pixels across
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # published per-channel statistics of the training set
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+METRICS = dict(epoch="d", lr=".3e", train_loss=".4f", train_acc=".2f", test_loss=".4f", test_acc=".2f", seconds=".1f")
+CHECKPOINT_FORMAT = "model_train/1"  # marks files written by this script's save_checkpoint()
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad data, flag, checkpoint or folder): main() prints it on one line."""
+
+
+# ================================================================================================== data
+BATCH_FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILES = ("test_batch",)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10 batch files, which hold only numpy arrays and lists, and refuses anything else:
+    a pickle from elsewhere could otherwise run arbitrary code while it loads."""
+
+    def find_class(self, module, name):
+        allowed = {"_reconstruct": np.ndarray.__reduce__(np.empty(0))[0], "ndarray": np.ndarray, "dtype": np.dtype}
+        if module.split(".")[0] == "numpy" and name in allowed:
+            return allowed[name]
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes into a protocol-2 pickle
+            return codecs.encode
+        raise pickle.UnpicklingError(f"it holds a {module}.{name} object, which a CIFAR-10 batch never does")
+
+
+def read_batch_file(path):
+    """One batch file -> (uint8 images N x 32 x 32 x 3, int64 labels N), checked."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the folder holds an incomplete CIFAR-10 copy; delete "
+                        f"{path.parent} and run again to download it, or copy the complete folder there") from None
+    except Exception as e:  # truncated, corrupt, or not a CIFAR batch at all
+        raise UserError(f"{path} is truncated or not a CIFAR-10 batch file ({type(e).__name__}: {e}); "
+                        f"replace {path.parent} with a complete copy") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels) \
+            or len(data) == 0:
+        raise UserError(f"{path} holds data of shape {data.shape} ({data.dtype}) and {len(labels)} labels, "
+                        f"not N x 3072 uint8 images with N labels; replace {path.parent} with a complete copy")
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
+        raise UserError(f"{path} has labels outside 0..9; replace {path.parent} with a complete copy")
+    # Stored channel-planar (all R, then G, then B); Albumentations and OpenCV want height x width x channel.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def download_cifar10(data_dir):
+    """Fetch and unpack cifar-10-batches-py into data_dir with torchvision (imported only when needed)."""
+    from torchvision.datasets import CIFAR10
+    print(f"downloading CIFAR-10 (163 MB) into {data_dir} ...")
+    try:
+        CIFAR10(root=str(data_dir), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk, a failed checksum ...
+        raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); without network, "
+                        f"copy an unpacked cifar-10-batches-py folder into {data_dir} (see README: offline data)") \
+            from None
+
+
+def load_cifar10(data_dir):
+    """Return (train_images, train_labels, test_images, test_labels) from DATA_DIR/cifar-10-batches-py.
+
+    The batch files are read directly, without torchvision's md5 check, so a copy made elsewhere works."""
+    folder = Path(data_dir) / BATCH_FOLDER
+    if not folder.is_dir():
+        download_cifar10(Path(data_dir))
+    parts = {}
+    for split, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
+        batches = [read_batch_file(folder / name) for name in files]
+        parts[split] = (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+    return (*parts["train"], *parts["test"])
+
+
+def train_transform():
+    """The training augmentation. strict=True turns a misspelled or renamed argument, which Albumentations
+    would otherwise drop with a mere warning, into an error."""
+    mean_pixel = tuple(255 * m for m in CIFAR10_MEAN)  # in pixel units, so a hole normalizes to ~0
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10),
+                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),  # reflect, so no black corners appear
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
+                        fill=mean_pixel, p=0.5),
+        A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD),
+        ToTensorV2(),
+    ], strict=True)
+
+
+def test_transform():
+    return A.Compose([A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD), ToTensorV2()], strict=True)
+
+
+class CIFAR10Albumentations(Dataset):
+    """uint8 height x width x channel images and labels -> (normalized 3 x 32 x 32 tensor, label).
+
+    Index i < len(self) is image i. EpochSampler hands out `epoch * len(self) + i` instead, and that number
+    seeds the sample's augmentation: what an image looks like depends on (seed, epoch, image) alone, not on
+    the number of workers, their history, or the epoch a run was resumed at."""
+
+    def __init__(self, images, labels, transform, seed=0):
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        sample_seed = self.seed * 2**32 + index
+        self.transform.set_random_state(np.random.default_rng(sample_seed), random.Random(sample_seed))
+        i = index % len(self.labels)
+        return self.transform(image=self.images[i])["image"], int(self.labels[i])
+
+
+class EpochSampler(Sampler):
+    """Shuffles anew each epoch from (seed, epoch) alone and tags each index with its epoch (see above)."""
+
+    def __init__(self, num_images, seed):
+        self.num_images, self.seed, self.epoch = num_images, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_images
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_images)
+        return iter((order + self.epoch * self.num_images).tolist())
+
+
+def init_worker(_worker_id):
+    cv2.setNumThreads(0)  # each worker is one process on one core; OpenCV's own threads would oversubscribe
+
+
+def resolve_workers(workers, device):
+    if workers != "auto":
+        return workers
+    cores = os.cpu_count() or 1
+    # On a GPU the workers feed it; on a CPU they share cores with training, and one keeps up (--benchmark).
+    return min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
+
+
+def make_loaders(data, cfg, device):
+    """Shuffled training loader (per-epoch order from EpochSampler) and an unshuffled test loader."""
+    cv2.setNumThreads(0)
+    train_images, train_labels, test_images, test_labels = data
+    workers = resolve_workers(cfg.workers, device)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, worker_init_fn=init_worker,
+                  pin_memory=device.type == "cuda",
+                  # A private generator: the loader's worker seeds must not draw from the global RNG that
+                  # dropout uses, or a resumed run would drift from an uninterrupted one.
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    train_set = CIFAR10Albumentations(train_images, train_labels, train_transform(), seed=cfg.seed)
+    test_set = CIFAR10Albumentations(test_images, test_labels, test_transform())
+    train_loader = DataLoader(train_set, cfg.batch_size, sampler=EpochSampler(len(train_set), cfg.seed), **common)
+    test_loader = DataLoader(test_set, 2 * cfg.batch_size, shuffle=False, **common)
+    return train_loader, test_loader
+
+
+# ================================================================================================= model
+class ConvBNReLU(nn.Sequential):
+    """k x k convolution -> BatchNorm -> ReLU. No conv bias: BatchNorm's shift does that job."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=dilation * (kernel_size // 2),
+                      dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """3 x 3 depthwise conv (one filter per channel: looks around) -> 1 x 1 pointwise conv (mixes channels)
+    -> BatchNorm -> ReLU. About 8x fewer parameters and multiply-adds than a full 3 x 3 conv of equal width."""
+
+    def __init__(self, in_channels, out_channels, stride=1, dilation=1):
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, stride, padding=dilation, dilation=dilation,
+                      groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    """x + f(x): the gradient also flows around f, so a 14-conv stack trains as readily as a shallow one."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return x + self.fn(x)
+
+
+class Net(nn.Module):
+    """C1 -> C5 -> global average pooling -> Linear: 176k parameters, 40 M multiply-adds, receptive field 71.
+
+    Multiply-adds are expensive at 32 x 32 and parameters are cheap there, so the net goes down to 16 x 16
+    after two convs and to 8 x 8 at C4, each time with a stride-2 conv: unlike MaxPool it learns what to keep.
+    Dilated convs (C3, C5) widen the view without more parameters or another downsampling, so the last
+    conv sees 71 pixels across, the whole image with margin. Widths grow where positions are few:
+    32 channels at 32 x 32, 64 at 16 x 16, 128 at 8 x 8."""
+
+    def __init__(self, dropout=DROPOUT, num_classes=len(CLASSES)):
+        super().__init__()
+        self.features = nn.Sequential(OrderedDict(
+            # C1, 32 x 32: plain 3 x 3 convs pick up edges and colours.
+            # No dropout here: at 32 x 32 its random mask costs more CPU time than a conv (--benchmark).
+            C1=nn.Sequential(ConvBNReLU(3, 32), Residual(ConvBNReLU(32, 32))),
+            # C2, 16 x 16: a stride-2 conv replaces MaxPool, then depthwise-separable convs, cheap at 64 wide.
+            C2=nn.Sequential(ConvBNReLU(32, 64, stride=2), Residual(DepthwiseSeparable(64, 64)),
+                             Residual(DepthwiseSeparable(64, 64)), nn.Dropout(dropout)),
+            # C3, 16 x 16: a dilated conv (dilation 2 spans 5 x 5 with 3 x 3 weights), then a plain one.
+            C3=nn.Sequential(Residual(ConvBNReLU(64, 64, dilation=2)), Residual(ConvBNReLU(64, 64)),
+                             nn.Dropout(dropout)),
+            # C4, 8 x 8: a stride-2 depthwise conv whose 1 x 1 pointwise conv is the 64 -> 128 transition.
+            C4=nn.Sequential(DepthwiseSeparable(64, 128, stride=2), Residual(DepthwiseSeparable(128, 128)),
+                             nn.Dropout(dropout)),
+            # C5, 8 x 8: two dilated depthwise-separable convs bring the receptive field from 39 to 71.
+            C5=nn.Sequential(Residual(DepthwiseSeparable(128, 128, dilation=2)),
+                             Residual(DepthwiseSeparable(128, 128, dilation=2)), nn.Dropout(dropout)),
+        ))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class Layer(NamedTuple):
+    name: str
+    output_shape: tuple  # channels, height, width (or features for the head)
+    receptive_field: int  # pixels across that one output position of this layer sees
+    parameters: int      # of this layer alone (BatchNorm's are counted in the model total)
+    macs: int            # multiply-adds per image
+
+
+def layer_table(model, image_size=32):
+    """One Layer per convolution and linear layer, in the order a forward pass runs them.
+
+    The receptive field grows by (kernel - 1) * dilation * jump at each conv, where jump is the product of
+    all strides so far. Residual shortcuts skip convs, so the longest path, through every conv, sets it."""
+    rows, receptive_field, jump = [], 1, 1
+
+    def record(name):
+        def hook(module, _inputs, output):
+            nonlocal receptive_field, jump
+            if isinstance(module, nn.Conv2d):
+                receptive_field += (module.kernel_size[0] - 1) * module.dilation[0] * jump
+                jump *= module.stride[0]
+                macs = output[0].numel() * module.weight[0].numel()
+            else:
+                macs = module.weight.numel()
+            params = sum(p.numel() for p in module.parameters())
+            rows.append(Layer(name, tuple(output.shape[1:]), receptive_field, params, macs))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def receptive_field(model):
+    return [row for row in layer_table(model) if row.name.startswith("features")][-1].receptive_field
+
+
+def count_macs(model):
+    return sum(row.macs for row in layer_table(model))
+
+
+def describe_model(model):
+    """The per-layer table and the promised properties, printed at start; refuses a model that breaks them."""
+    rows = layer_table(model)
+    print(f"{'layer':<24}{'output':>12}{'RF':>5}{'params':>9}{'MACs':>12}")
+    for r in rows:
+        shape = "x".join(map(str, r.output_shape))
+        print(f"{r.name.removeprefix('features.'):<24}{shape:>12}{r.receptive_field:>5}{r.parameters:>9,}{r.macs:>12,}")
+    params, rf = count_parameters(model), [r for r in rows if r.name.startswith("features")][-1].receptive_field
+    print(f"{params:,} parameters (limit {MAX_PARAMETERS:,}), {sum(r.macs for r in rows) / 1e6:.1f} M multiply-adds "
+          f"per image, receptive field {rf} px (at least {MIN_RECEPTIVE_FIELD})")
+    if params >= MAX_PARAMETERS:
+        raise UserError(f"the model has {params:,} parameters, over the {MAX_PARAMETERS:,} limit; narrow Net")
+    if rf < MIN_RECEPTIVE_FIELD:
+        raise UserError(f"the model's receptive field is {rf} px, under {MIN_RECEPTIVE_FIELD}; add dilation or stride")
+
+
+# ================================================================================ training and evaluation
+def to_device(images, labels, device):
+    # channels_last is the layout cuDNN's and oneDNN's fastest conv kernels use; non_blocking lets the copy
+    # from pinned memory overlap the previous step's work.
+    return (images.to(device, non_blocking=True, memory_format=torch.channels_last),
+            labels.to(device, non_blocking=True))
+
+
+def autocast(device):
+    # bfloat16 on CUDA: about twice the conv throughput and no loss scaling needed; full precision elsewhere.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, desc="train"):
+    """One pass over the training set; OneCycleLR steps after every batch. Returns (mean loss, accuracy %).
+
+    Loss and correct counts accumulate on the device and are read once at the end: a per-step .item()
+    would make the CPU wait for the GPU every step."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        images, labels = to_device(images, labels, device)
+        with autocast(device):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+    return loss_sum.item() / len(loader.dataset), 100.0 * correct.item() / len(loader.dataset)
+
+
+@torch.no_grad()
+def predict(model, loader, device, tta=False, desc="test"):
+    """Logits (float32, on the CPU) for every image in loader, in order, and the labels.
+    With tta, the logits are the mean over each image and its mirror image."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        images, _ = to_device(images, labels, device)
+        with autocast(device):
+            logits = model(images)
+            if tta:
+                logits = (logits + model(images.flip(3))) / 2
+        all_logits.append(logits.float())
+        all_labels.append(labels)
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels)
+
+
+def loss_and_accuracy(logits, labels):
+    """(cross-entropy loss, accuracy %)."""
+    return F.cross_entropy(logits, labels).item(), 100.0 * (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def evaluate(model, loader, device, tta=False):
+    return loss_and_accuracy(*predict(model, loader, device, tta))
+
+
+def select_device(choice):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        choice = next(name for name, ok in available.items() if ok)
+    if not available[choice]:
+        raise UserError(f"--device {choice} is not available on this machine; use --device auto or cpu")
+    return torch.device(choice)
+
+
+# ------------------------------------------------------------------------------ files, written atomically
+def save_atomically(path, write):
+    """Call write(binary file) on a temporary file beside path, then rename it over path. A rename is atomic,
+    so a kill at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some space or choose another --out-dir") \
+            from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_torch(obj, path):
+    save_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_metrics_csv(history, path):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRICS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: format(row[key], spec) for key, spec in METRICS.items()} for row in history)
+    save_atomically(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def prepare_out_dir(out_dir):
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out} ({e.strerror or e}); choose a folder you can write to") \
+            from None
+    return out
+
+
+def load_checkpoint_file(path, what):
+    """torch.load with weights_only=True, so a file can hold tensors and plain data but never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; give the path of a .pth file this script wrote")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles before failing; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a torch file, or holding objects other than plain data
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {path} cannot be loaded safely ({first_line[:120]}); "
+                        f"use a best_model.pth or last_checkpoint.pth written by this script") from None
+
+
+def load_weights(model, state_dict, path):
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} holds weights for a different model than this script's Net "
+                        f"({str(e).splitlines()[0][:120]}); use a checkpoint written by this version") from None
+
+
+# ------------------------------------------------------------------------------------------------ training
+# Settings that describe the run's environment, not its result: a resumed run takes them from the command line.
+ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "workers", "device", "compile"}
+
+
+def resume_settings(cfg, checkpoint, explicit):
+    """The checkpoint's settings, except where they describe this machine; a flag that would change the
+    result is ignored, with a note, because a resumed run must end as the uninterrupted one would have."""
+    saved = checkpoint["config"]
+    for key in sorted(explicit - ENVIRONMENT_SETTINGS):
+        if key in saved and getattr(cfg, key) != saved[key]:
+            print(f"note: --{key.replace('_', '-')} {getattr(cfg, key)} ignored; the resumed run keeps {saved[key]}")
+    merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in ENVIRONMENT_SETTINGS}}
+    if "out_dir" not in explicit:  # continue in the run's own folder
+        merged["out_dir"] = str(Path(cfg.resume).parent)
+    return argparse.Namespace(**{**vars(cfg), **merged})
+
+
+def read_resume_checkpoint(path):
+    checkpoint = load_checkpoint_file(path, "--resume checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        hint = " (best_model.pth holds weights only: resume from last_checkpoint.pth)" \
+            if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()) else ""
+        raise UserError(f"--resume {path} is not a last_checkpoint.pth written by this script{hint}")
+    return checkpoint
+
+
+def train(cfg, explicit=frozenset()):
+    checkpoint = read_resume_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint:
+        cfg = resume_settings(cfg, checkpoint, explicit)
+    out = prepare_out_dir(cfg.out_dir)
+    device = select_device(cfg.device)
+    data = load_cifar10(cfg.data_dir)
+    print(f"CIFAR-10 from {Path(cfg.data_dir) / BATCH_FOLDER}: {len(data[1]):,} training and "
+          f"{len(data[3]):,} test images; device {device}")
+
+    torch.manual_seed(cfg.seed)
+    model = Net(cfg.dropout)
+    describe_model(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    step_model = torch.compile(model) if cfg.compile else model
+    train_loader, test_loader = make_loaders(data, cfg, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the
+    # curve is smooth; the high middle explores, the long tail settles into a minimum.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
+        pct_start=cfg.pct_start, anneal_strategy="cos", div_factor=cfg.max_lr / cfg.lr)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    history, best_acc = [], 0.0
+    if checkpoint:
+        load_weights(model, checkpoint["model"], cfg.resume)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        history, best_acc = checkpoint["history"], checkpoint["best_acc"]
+        write_metrics_csv(history, out / "metrics.csv")
+        print(f"resumed from {cfg.resume} after epoch {len(history)} (best test accuracy {best_acc:.2f} %)")
+
+    target_reached = any(row["test_acc"] >= cfg.target_acc for row in history)
+    print(f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} {'test_acc':>8} {'seconds':>7}")
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        train_loader.sampler.set_epoch(epoch)
+        train_loss, train_acc = train_one_epoch(step_model, train_loader, optimizer, scheduler, criterion, device,
+                                                desc=f"epoch {epoch}/{cfg.epochs}")
+        test_loss, test_acc = evaluate(step_model, test_loader, device)
+        row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                   test_acc=test_acc, seconds=time.perf_counter() - start)
+        history.append(row)
+        tqdm.write(f"{epoch:>5} {lr:>9.2e} {train_loss:>10.4f} {train_acc:>9.2f} {test_loss:>9.4f} "
+                   f"{test_acc:>8.2f} {row['seconds']:>7.1f}")
+        # Best weights first, then the checkpoint that records them: a kill in between costs only a rerun
+        # of this epoch, which gives the same result.
+        if test_acc > best_acc:
+            best_acc = test_acc
+            save_torch(model.state_dict(), out / "best_model.pth")
+        save_torch(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), epoch=epoch, best_acc=best_acc, config=vars(cfg),
+                        history=history, rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
+                                                  if device.type == "cuda" else [])),
+                   out / "last_checkpoint.pth")
+        write_metrics_csv(history, out / "metrics.csv")
+        if test_acc >= cfg.target_acc and not target_reached:
+            target_reached = True
+            tqdm.write(f"target reached: {test_acc:.2f} % >= {cfg.target_acc} % at epoch {epoch}")
+
+    total_minutes = sum(row["seconds"] for row in history) / 60
+    print(f"best test accuracy {best_acc:.2f} % ({out / 'best_model.pth'}); {total_minutes:.1f} min of training")
+    if not target_reached:
+        print(f"target {cfg.target_acc} % not reached")
+    if (out / "best_model.pth").exists():
+        model.load_state_dict(torch.load(out / "best_model.pth", map_location=device, weights_only=True))
+        report(model, test_loader, device, cfg, out)
+
+
+def evaluate_checkpoint(cfg):
+    """--eval: load weights (best_model.pth or last_checkpoint.pth), report on the test set, write the plots."""
+    state = load_checkpoint_file(cfg.eval, "--eval checkpoint")
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        state = state["model"]
+    out = prepare_out_dir(cfg.out_dir)
+    device = select_device(cfg.device)
+    model = Net()
+    load_weights(model, state, cfg.eval)
+    model = model.to(device, memory_format=torch.channels_last)
+    data = load_cifar10(cfg.data_dir)
+    _, test_loader = make_loaders(data, cfg, device)
+    report(model, test_loader, device, cfg, out)
+
+
+def report(model, test_loader, device, cfg, out):
+    """Test loss and accuracy (and with flip TTA), then the plots and per-class table of the next section."""
+    logits, labels = predict(model, test_loader, device)
+    loss, acc = loss_and_accuracy(logits, labels)
+    line = f"test loss {loss:.4f}, accuracy {acc:.2f} %"
+    if cfg.tta:
+        line += f"; with flip TTA {evaluate(model, test_loader, device, tta=True)[1]:.2f} %"
+    print(line)
+    write_reports(logits, labels, test_loader.dataset, out, cfg.misclassified)
+
+
+# =============================================================================================== reports
+# Pictures of what the model learned, written as files (matplotlib's Figure without pyplot: no window,
+# no global state, nothing that blocks).
+def denormalize(image):
+    """Undo Normalize + ToTensorV2: a normalized 3 x H x W tensor -> uint8 H x W x 3 in its true colours."""
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    pixels = (image.float().cpu() * std + mean) * 255
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def confusion_matrix(predictions, labels, num_classes=len(CLASSES)):
+    """counts[true, predicted]."""
+    flat = np.asarray(labels) * num_classes + np.asarray(predictions)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(counts):
+    return 100.0 * np.diag(counts) / np.maximum(counts.sum(1), 1)
+
+
+def most_confused_pairs(counts, k=5):
+    """The k largest off-diagonal cells as (true class, predicted class, count), largest first."""
+    off_diagonal = counts * (1 - np.eye(len(counts), dtype=counts.dtype))
+    cells = np.argsort(off_diagonal, axis=None, kind="stable")[::-1][:k]
+    return [(CLASSES[i], CLASSES[j], int(off_diagonal[i, j])) for i, j in zip(*np.unravel_index(cells, counts.shape))
+            if off_diagonal[i, j] > 0]
+
+
+def misclassified(logits, labels, limit):
+    """The first `limit` test images the model gets wrong: (index, true class, predicted class, confidence)."""
+    probabilities, predictions = logits.softmax(1).max(1)
+    wrong = (predictions != labels).nonzero().flatten()[:limit].tolist()
+    return [(i, CLASSES[labels[i]], CLASSES[predictions[i]], probabilities[i].item()) for i in wrong]
+
+
+def save_figure(fig, path):
+    save_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_curves(history, path):
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.6))
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
+        for split in ("train", "test"):
+            ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    lr_ax.plot(epochs, [row["lr"] for row in history], marker=".", color="tab:green")
+    lr_ax.set(title="learning rate (at each epoch's start)", xlabel="epoch")
+    lr_ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_misclassified(images, captions, path, columns=5):
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(2.3 * columns, 2.5 * rows))
+    for ax, image, caption in zip(fig.subplots(rows, columns, squeeze=False).flat, images, captions):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(caption, fontsize=8)
+    for ax in fig.axes:
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def plot_confusion_matrix(counts, path):
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # shading by row: the share of each true class
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xlabel="predicted", ylabel="true",
+           title="confusion matrix (test set)")
+    ax.set_xticklabels(CLASSES, rotation=45, ha="right")
+    ax.set_yticklabels(CLASSES)
+    for (i, j), count in np.ndenumerate(counts):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if shares[i, j] > 0.5 else "black")
+    save_figure(fig, path)
+
+
+def write_per_class(counts, path):
+    accuracy = per_class_accuracy(counts)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["class", "images", "correct", "accuracy", "most_confused_with", "times"])
+    print(f"{'class':<11}{'images':>7}{'accuracy':>10}   most often taken for")
+    for i, name in enumerate(CLASSES):
+        wrong = counts[i].copy()
+        wrong[i] = -1
+        j = int(wrong.argmax())
+        writer.writerow([name, counts[i].sum(), counts[i, i], f"{accuracy[i]:.2f}", CLASSES[j], counts[i, j]])
+        print(f"{name:<11}{counts[i].sum():>7}{accuracy[i]:>9.2f}%   {CLASSES[j]} ({counts[i, j]})")
+    save_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    pairs = ", ".join(f"{true} -> {predicted} ({n})" for true, predicted, n in most_confused_pairs(counts))
+    print(f"most confused (true -> predicted): {pairs or 'none'}")
+
+
+def write_reports(logits, labels, test_set, out, num_misclassified):
+    """confusion_matrix.png, per_class.csv and misclassified.png from the test logits; curves.png from
+    metrics.csv when the output folder has one."""
+    counts = confusion_matrix(logits.argmax(1), labels)
+    write_per_class(counts, out / "per_class.csv")
+    plot_confusion_matrix(counts, out / "confusion_matrix.png")
+    wrong = misclassified(logits, labels, num_misclassified)
+    plot_misclassified([denormalize(test_set[i][0]) for i, *_ in wrong],
+                       [f"{true} → {predicted} ({confidence:.0%})" for _, true, predicted, confidence in wrong],
+                       out / "misclassified.png")
+    written = ["per_class.csv", "confusion_matrix.png", "misclassified.png"]
+    if (out / "metrics.csv").exists():
+        with open(out / "metrics.csv", newline="") as f:
+            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        if history:
+            plot_curves(history, out / "curves.png")
+            written.append("curves.png")
+    print(f"wrote {', '.join(written)} to {out}")
+
+
+# ============================================================================================= benchmark
+def images_per_second(step, images_per_step, device, seconds=3.0, warmup=2):
+    """Run step() until `seconds` have passed (after warm-up steps) and return images per second."""
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+        if device.type == "cuda" and steps % 10:
+            continue
+        sync()
+    sync()
+    return steps * images_per_step / (time.perf_counter() - start)
+
+
+def benchmark(cfg):
+    """--benchmark: cost and speed of the model and the input pipeline on random data (no dataset needed)."""
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = Net(cfg.dropout)
+    describe_model(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    step_model = torch.compile(model) if cfg.compile else model
+    images, labels = to_device(torch.randn(cfg.batch_size, 3, 32, 32), torch.randint(0, 10, (cfg.batch_size,)), device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train_step():
+        with autocast(device):
+            loss = F.cross_entropy(step_model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def eval_step():
+        with autocast(device):
+            step_model(images)
+
+    model.train()
+    train_speed = images_per_second(train_step, cfg.batch_size, device)
+    model.eval()
+    eval_speed = images_per_second(eval_step, cfg.batch_size, device)
+
+    cv2.setNumThreads(0)
+    fake = np.random.default_rng(cfg.seed).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
+    dataset = CIFAR10Albumentations(fake, np.zeros(len(fake), dtype=np.int64), train_transform(), cfg.seed)
+    position = iter(range(10**9))
+    augment_speed = images_per_second(lambda: dataset[next(position) % len(dataset)], 1, torch.device("cpu"))
+    workers = resolve_workers(cfg.workers, device)
+    loader = DataLoader(dataset, cfg.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), num_workers=workers,
+                        persistent_workers=workers > 0, worker_init_fn=init_worker, pin_memory=device.type == "cuda")
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        try:
+            next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            next(batches)
+
+    loader_speed = images_per_second(next_batch, cfg.batch_size, torch.device("cpu"))
+    print(f"device {device}, batch size {cfg.batch_size}, {torch.get_num_threads()} CPU threads for the model")
+    print(f"training (model alone, random tensors): {train_speed:9,.0f} images/s")
+    print(f"evaluation (model alone):               {eval_speed:9,.0f} images/s")
+    print(f"augmentation, one process:              {augment_speed:9,.0f} images/s")
+    print(f"DataLoader with {workers} worker(s):            {loader_speed:9,.0f} images/s")
+
+
+# ========================================================================================== command line
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
+    return value
+
+
+def worker_count(text):
+    return text if text == "auto" else non_negative_int(text)
+
+
+def device_name(text):
+    if text not in ("auto", "cuda", "mps", "cpu"):
+        raise argparse.ArgumentTypeError(f"must be auto, cuda, mps or cpu, not {text}")
+    return text
+
+
+# What each setting accepts, beyond the type of its default. argparse names the flag in its error message.
+SETTING_TYPES = dict(EPOCHS=positive_int, BATCH_SIZE=positive_int, LR=positive_float, MAX_LR=positive_float,
+                     WEIGHT_DECAY=non_negative_float, PCT_START=fraction, DROPOUT=fraction, LABEL_SMOOTHING=fraction,
+                     MISCLASSIFIED=non_negative_int, SEED=non_negative_int, WORKERS=worker_count, DEVICE=device_name)
+for _convert in (positive_int, non_negative_int, positive_float, non_negative_float, fraction):
+    _convert.__name__ = "number"  # argparse says "invalid number value: 'abc'" for text that is not a number
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def setting_help():
+    """Each setting's trailing comment in this file, used as its --help text."""
+    try:
+        source = Path(__file__).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    found = re.findall(r"^([A-Z_]+) = .*?# (.*)$", source, flags=re.MULTILINE)
+    return {name: text.replace("%", "%%") for name, text in found}  # argparse formats help with %
+
+
+def get_args_parser():
+    parser = OneLineParser(prog="model_train.py", allow_abbrev=False,  # --epoch is a typo, not --epochs
+                           description="Train a compact CNN on CIFAR-10 (see README.md).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = setting_help()
+    for name in SETTINGS:
+        default, flag = globals()[name], "--" + name.lower().replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(name))
+        else:
+            parser.add_argument(flag, type=SETTING_TYPES.get(name, type(default)), default=default,
+                                help=helps.get(name))
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last_checkpoint.pth")
+    action.add_argument("--eval", metavar="CHECKPOINT", help="evaluate these weights on the test set and exit")
+    action.add_argument("--benchmark", action="store_true", help="print MACs, parameters and images/s, and exit")
+    return parser
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.lr > cfg.max_lr:
+        parser.error(f"--lr {cfg.lr} is above --max-lr {cfg.max_lr}; OneCycle warms up from --lr to --max-lr")
+    changed = {key for key, value in vars(cfg).items() if value != parser.get_default(key)}
+    try:
+        if cfg.benchmark:
+            benchmark(cfg)
+        elif cfg.eval:
+            evaluate_checkpoint(cfg)
+        else:
+            train(cfg, changed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished epoch is in last_checkpoint.pth; continue with "
+              "--resume OUT_DIR/last_checkpoint.pth", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Every bad input gets one clear line on stderr, a non-zero exit, no traceback, and overwrites nothing."""
+import hashlib
+import os
+import pickle
+
+import pytest
+import torch
+
+import model_train as mt
+from conftest import make_cifar_folder, train_args
+
+
+def fails_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mt.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def out_dir(tmp_path, trained_run):
+    """An output folder that already holds a finished run; no failure may change a byte of it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in trained_run.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    yield out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs: must be a whole number above 0, not 0"),
+    (["--epochs", "-3"], "--epochs: must be a whole number above 0"),
+    (["--epochs", "ten"], "--epochs: invalid number value: 'ten'"),
+    (["--epochs", "2.5"], "--epochs: invalid number value"),
+    (["--batch-size", "0"], "--batch-size: must be a whole number above 0"),
+    (["--lr", "0"], "--lr: must be a number above 0"),
+    (["--lr", "abc"], "--lr: invalid number value: 'abc'"),
+    (["--lr", "nan"], "--lr: must be a number above 0"),
+    (["--max-lr", "-0.01"], "--max-lr: must be a number above 0"),
+    (["--lr", "0.1"], "--lr 0.1 is above --max-lr 0.01"),
+    (["--pct-start", "1.5"], "--pct-start: must be at least 0 and below 1"),
+    (["--device", "tpu"], "--device: must be auto, cuda, mps or cpu"),
+    (["--workers", "-1"], "--workers: must be a whole number, 0 or more"),
+    (["--epoch", "5"], "unrecognized arguments"),
+    (["--learning-rate", "1e-3"], "unrecognized arguments"),
+    (["--resume", "a", "--eval", "b"], "not allowed with argument"),
+])
+def test_bad_flag_values(flags, message, capsys):
+    err = fails_with_one_line(flags, capsys)
+    assert message in err and "see --help" in err
+
+
+def test_unavailable_device(data_dir, out_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = fails_with_one_line(train_args(data_dir, out_dir)[:-6] + ["--device", "cuda"], capsys)
+    assert "--device cuda is not available" in err
+
+
+def test_empty_data_folder_without_network(tmp_path, out_dir, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    err = fails_with_one_line(train_args(tmp_path / "nothing", out_dir), capsys)
+    assert "could not download CIFAR-10" in err and "offline" in err
+
+
+def test_empty_batch_folder(tmp_path, out_dir, capsys):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    err = fails_with_one_line(train_args(tmp_path, out_dir), capsys)
+    assert "data_batch_1 is missing" in err
+
+
+def test_truncated_dataset(tmp_path, out_dir, capsys):
+    make_cifar_folder(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    path.write_bytes(path.read_bytes()[:1000])
+    err = fails_with_one_line(train_args(tmp_path, out_dir), capsys)
+    assert "data_batch_4 is truncated" in err
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def write_checkpoint_variant(kind, path, trained_run):
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        path.write_bytes((trained_run / "last_checkpoint.pth").read_bytes()[:50_000])
+    elif kind == "foreign":
+        torch.save({"state": torch.zeros(3), "note": "another project"}, path)
+    elif kind == "malicious":
+        torch.save({"model": RunsCode()}, path)
+    elif kind == "other model":
+        torch.save(torch.nn.Linear(3, 10).state_dict(), path)
+    elif kind == "old pickle":
+        with open(path, "wb") as f:
+            pickle.dump(RunsCode(), f)
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "foreign", "malicious", "other model",
+                                  "old pickle"])
+def test_bad_checkpoints(flag, kind, data_dir, out_dir, trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "given.pth"
+    write_checkpoint_variant(kind, path, trained_run)
+    err = fails_with_one_line([flag, str(path), *train_args(data_dir, out_dir)], capsys)
+    assert str(path) in err
+    assert not (tmp_path / "pwned").exists(), "loading the checkpoint ran code"
+
+
+def test_resume_from_best_model_says_which_file_to_use(data_dir, out_dir, capsys):
+    err = fails_with_one_line(["--resume", str(out_dir / "best_model.pth"), *train_args(data_dir, out_dir)], capsys)
+    assert "resume from last_checkpoint.pth" in err
+
+
+def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        err = fails_with_one_line(train_args(data_dir, out), capsys)
+        assert "cannot write to --out-dir" in err
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_read_only_out_dir(data_dir, out_dir, capsys):
+    out_dir.chmod(0o500)
+    try:
+        assert "cannot write to --out-dir" in fails_with_one_line(train_args(data_dir, out_dir), capsys)
+    finally:
+        out_dir.chmod(0o700)
+
+
+def test_a_model_over_the_parameter_limit_is_refused(data_dir, out_dir, capsys, monkeypatch):
+    monkeypatch.setattr(mt, "MAX_PARAMETERS", 100_000)
+    assert "over the 100,000 limit" in fails_with_one_line(train_args(data_dir, out_dir), capsys)

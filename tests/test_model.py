@@ -1,0 +1,102 @@
+"""The model's promises: size, cost, receptive field and structure, all computed from the model object."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import model_train as mt
+
+
+def test_parameter_count_is_under_200k():
+    model = mt.Net()
+    assert mt.count_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert mt.count_parameters(model) < 200_000
+
+
+def test_forward_gives_ten_logits_per_image():
+    model = mt.Net().eval()
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_structure_depthwise_dilated_strided_no_maxpool():
+    convs = [m for m in mt.Net().modules() if isinstance(m, nn.Conv2d)]
+    assert any(c.groups == c.in_channels > 1 for c in convs), "no depthwise conv"
+    assert any(c.dilation[0] > 1 for c in convs), "no dilated conv"
+    assert any(c.stride[0] == 2 for c in convs), "no stride-2 conv"
+    assert any(c.kernel_size == (1, 1) for c in convs), "no 1x1 conv"
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in mt.Net().modules())
+    head = mt.Net().head
+    assert isinstance(head[0], nn.AdaptiveAvgPool2d) and isinstance(head[-1], nn.Linear)
+    blocks = [name for name, _ in mt.Net().features.named_children()]
+    assert blocks == ["C1", "C2", "C3", "C4", "C5"]
+
+
+def test_dilated_convs_sit_in_c3_and_c5():
+    features = mt.Net().features
+    for block in ("C3", "C5"):
+        assert any(isinstance(m, nn.Conv2d) and m.dilation[0] > 1 for m in getattr(features, block).modules())
+
+
+def test_mac_counter_matches_hand_count():
+    tiny = Stack(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.AdaptiveAvgPool2d(1),
+                 nn.Flatten(), nn.Linear(8, 10))
+    assert mt.count_macs(tiny) == 32 * 32 * 8 * 27 + 16 * 16 * 8 * 9 + 8 * 10
+
+
+def test_forward_pass_costs_at_most_50m_macs():
+    assert mt.count_macs(mt.Net()) <= 50_000_000
+
+
+class Stack(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_receptive_field_formula_on_a_known_stack():
+    stack = Stack(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    # 1 + 2 (3x3) + 2 (3x3, stride 2 after it) + 2 * 2 * 2 (dilation 2 at jump 2) = 13
+    assert [r.receptive_field for r in mt.layer_table(stack)] == [3, 5, 13]
+    assert mt.receptive_field(stack) == 13 == empirical_receptive_field(stack, size=64)[0]
+
+
+def empirical_receptive_field(model, size=160):
+    """Backpropagate from the centre of the last feature map and measure how far the gradient reaches.
+    All weights are made positive and the input is positive, so no ReLU blocks a path."""
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.abs_()
+    image = torch.ones(1, 3, size, size, requires_grad=True)
+    features = model.features(image)
+    features[0, :, features.shape[2] // 2, features.shape[3] // 2].sum().backward()
+    reached = image.grad[0].abs().sum(0) > 0
+    rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
+    assert 0 < rows[0] and rows[-1] < size - 1, "input too small to hold the receptive field"
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def test_receptive_field_is_at_least_49_and_confirmed_by_backprop():
+    model = mt.Net()
+    calculated = mt.receptive_field(model)
+    assert calculated >= 49
+    assert empirical_receptive_field(model) == (calculated, calculated)
+
+
+def test_describe_model_refuses_a_model_over_the_limit(capsys):
+    big = mt.Net()
+    big.head[-1] = nn.Linear(128, 200_000 // 128)  # pushes the count past 200,000
+    with pytest.raises(mt.UserError, match="over the 200,000 limit"):
+        mt.describe_model(big)
+
+
+def test_describe_model_prints_a_row_per_layer(capsys):
+    mt.describe_model(mt.Net())
+    out = capsys.readouterr().out
+    assert f"receptive field {mt.receptive_field(mt.Net())} px" in out
+    assert len(out.splitlines()) == len(mt.layer_table(mt.Net())) + 2
+    assert f"{mt.count_parameters(mt.Net()):,} parameters" in out

@@ -1,0 +1,102 @@
+"""The pictures and tables that show what the model learned (curves, mistakes, confusion, per class)."""
+import csv
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model_train as mt
+from conftest import make_images
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])  # width, height from the IHDR chunk
+
+
+def test_training_writes_valid_pngs_of_sensible_size(trained_run):
+    for name in ("curves.png", "misclassified.png", "confusion_matrix.png"):
+        width, height = png_size(trained_run / name)
+        assert 300 <= width <= 3000 and 200 <= height <= 3000, (name, width, height)
+    assert "matplotlib.pyplot" not in sys.modules  # never the interactive interface: no window can open
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.arange(200) % 10)
+    logits = torch.from_numpy(rng.normal(size=(200, 10))).float()
+    logits[torch.arange(200), labels] += torch.from_numpy(rng.uniform(0, 3, 200)).float()  # mostly right
+    return logits, labels
+
+
+def test_confusion_matrix_counts_every_image_and_its_diagonal_is_the_accuracy(predictions):
+    logits, labels = predictions
+    counts = mt.confusion_matrix(logits.argmax(1), labels)
+    _, accuracy = mt.loss_and_accuracy(logits, labels)
+    assert counts.shape == (10, 10) and counts.sum() == 200
+    assert 100 * np.trace(counts) / counts.sum() == pytest.approx(accuracy)
+    assert counts[3, 5] == ((labels == 3) & (logits.argmax(1) == 5)).sum().item()
+
+
+def test_per_class_accuracy_and_csv_match_a_direct_count(predictions, tmp_path):
+    logits, labels = predictions
+    counts = mt.confusion_matrix(logits.argmax(1), labels)
+    mt.write_per_class(counts, tmp_path / "per_class.csv")
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["class"] for row in rows] == list(mt.CLASSES)
+    for k, row in enumerate(rows):
+        mine = labels == k
+        direct = 100 * (logits.argmax(1)[mine] == k).sum().item() / mine.sum().item()
+        assert mt.per_class_accuracy(counts)[k] == pytest.approx(direct)
+        assert float(row["accuracy"]) == pytest.approx(direct, abs=0.005) and int(row["images"]) == mine.sum()
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+    counts = np.diag([50] * 10)
+    counts[3, 5], counts[5, 3], counts[1, 9] = 30, 20, 7
+    assert mt.most_confused_pairs(counts, k=3) == [("cat", "dog", 30), ("dog", "cat", 20),
+                                                   ("automobile", "truck", 7)]
+
+
+def test_misclassified_holds_only_mistakes_with_their_true_labels(predictions):
+    logits, labels = predictions
+    wrong = mt.misclassified(logits, labels, 20)
+    assert len(wrong) == min(20, (logits.argmax(1) != labels).sum().item())
+    assert [i for i, *_ in wrong] == sorted(i for i, *_ in wrong)  # the first ones, in test-set order
+    for index, true, predicted, confidence in wrong:
+        assert true == mt.CLASSES[labels[index]] and predicted == mt.CLASSES[logits[index].argmax()]
+        assert true != predicted and confidence == pytest.approx(logits[index].softmax(0).max().item())
+
+
+def test_denormalize_inverts_normalize_within_one_level():
+    image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    restored = mt.denormalize(mt.test_transform()(image=image)["image"])
+    assert restored.dtype == np.uint8 and np.abs(restored.astype(int) - image).max() <= 1
+
+
+def test_flip_tta_equals_plain_evaluation_on_mirror_symmetric_images():
+    labels = np.arange(20) % 10
+    images = make_images(labels, np.random.default_rng(0))
+    images = np.concatenate([images[:, :, :16], images[:, :, :16][:, :, ::-1]], axis=2)  # left-right symmetric
+    loader = torch.utils.data.DataLoader(mt.CIFAR10Albumentations(images, labels, mt.test_transform()), 8)
+    torch.manual_seed(0)
+    model = mt.Net().to(memory_format=torch.channels_last)
+    plain, _ = mt.predict(model, loader, torch.device("cpu"))
+    tta, _ = mt.predict(model, loader, torch.device("cpu"), tta=True)
+    assert torch.allclose(plain, tta, atol=1e-5)
+    asymmetric = mt.CIFAR10Albumentations(make_images(labels, np.random.default_rng(1)), labels, mt.test_transform())
+    loader = torch.utils.data.DataLoader(asymmetric, 8)
+    assert not torch.allclose(*(mt.predict(model, loader, torch.device("cpu"), tta=t)[0] for t in (False, True)))
+
+
+def test_curves_are_redrawn_from_metrics_csv_by_eval(data_dir, trained_run, tmp_path):
+    (tmp_path / "metrics.csv").write_bytes((trained_run / "metrics.csv").read_bytes())
+    mt.main(["--eval", str(trained_run / "last_checkpoint.pth"), "--data-dir", str(data_dir),
+             "--out-dir", str(tmp_path), "--workers", "0", "--device", "cpu", "--no-tta"])
+    for name in ("curves.png", "misclassified.png", "confusion_matrix.png", "per_class.csv"):
+        assert (tmp_path / name).is_file()

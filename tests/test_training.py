@@ -1,0 +1,158 @@
+"""End-to-end runs on the synthetic data: outputs, OneCycle stepping, reproducibility and resume."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import model_train as mt
+from conftest import train_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics_without_seconds(out):
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_run_writes_the_three_files_and_a_loadable_best_model(trained_run):
+    for name in ("best_model.pth", "last_checkpoint.pth", "metrics.csv"):
+        assert (trained_run / name).is_file()
+    model = mt.Net()
+    model.load_state_dict(torch.load(trained_run / "best_model.pth", weights_only=True))
+    with open(trained_run / "metrics.csv", newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+        rows = list(reader)
+    assert [row[0] for row in rows] == ["1", "2"]
+    checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+    assert checkpoint["best_acc"] == max(row["test_acc"] for row in checkpoint["history"])
+    assert checkpoint["config"]["epochs"] == 2
+    assert not list(trained_run.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_synthetic_classes_are_learned(trained_run):
+    history = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_one_cycle_steps_once_per_batch(trained_run):
+    checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
+    batches = -(-200 // 32)  # 200 synthetic training images in batches of 32
+    assert checkpoint["scheduler"]["total_steps"] == 2 * batches
+    assert checkpoint["scheduler"]["last_epoch"] == 2 * batches  # stepped epochs x batches times
+    lrs = [row["lr"] for row in checkpoint["history"]]
+    assert lrs[0] == pytest.approx(mt.LR)  # starts at --lr, peaks at --max-lr in between
+
+
+def test_same_seed_gives_the_same_metrics(data_dir, trained_run, tmp_path):
+    mt.main(train_args(data_dir, tmp_path))
+    assert metrics_without_seconds(tmp_path) == metrics_without_seconds(trained_run)
+
+
+def test_other_seed_gives_other_metrics(data_dir, trained_run, tmp_path):
+    mt.main(train_args(data_dir, tmp_path, "--seed", "5"))
+    assert metrics_without_seconds(tmp_path) != metrics_without_seconds(trained_run)
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, monkeypatch):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    mt.main(train_args(data_dir, whole, epochs=3))
+
+    evaluations = []
+    real_evaluate = mt.evaluate
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2's test pass
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_info:
+        mt.main(train_args(data_dir, broken, epochs=3))
+    assert exit_info.value.code == 130
+    monkeypatch.setattr(mt, "evaluate", real_evaluate)
+    assert torch.load(broken / "last_checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert len(metrics_without_seconds(broken)) == 1
+
+    # Resume with only the checkpoint: settings come from it, the output folder is the checkpoint's.
+    mt.main(["--resume", str(broken / "last_checkpoint.pth"), "--data-dir", str(data_dir), "--workers", "0"])
+    assert metrics_without_seconds(broken) == metrics_without_seconds(whole)
+    whole_weights = torch.load(whole / "best_model.pth", weights_only=True)
+    broken_weights = torch.load(broken / "best_model.pth", weights_only=True)
+    assert all(torch.equal(whole_weights[k], broken_weights[k]) for k in whole_weights)
+
+
+def test_resume_ignores_flags_that_would_change_the_result(data_dir, trained_run, tmp_path, capsys):
+    checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
+    cfg = mt.get_args_parser().parse_args(["--resume", "x/last_checkpoint.pth", "--epochs", "9", "--workers", "3"])
+    merged = mt.resume_settings(cfg, checkpoint, {"epochs", "workers", "resume"})
+    assert merged.epochs == 2 and merged.workers == 3 and merged.out_dir == "x"
+    assert "--epochs 9 ignored" in capsys.readouterr().out
+
+
+def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    """SIGKILL a real training process repeatedly while it writes, then resume to the end."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "import sys, model_train; model_train.main(sys.argv[1:])",
+               *train_args(data_dir, out, epochs=4)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "last_checkpoint.pth").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    for name in ("best_model.pth", "last_checkpoint.pth"):
+        torch.load(out / name, weights_only=True)  # complete, not half-written
+    mt.main(["--resume", str(out / "last_checkpoint.pth"), "--data-dir", str(data_dir), "--workers", "0"])
+    assert [row["epoch"] for row in metrics_without_seconds(out)] == ["1", "2", "3", "4"]
+
+
+def test_save_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "best_model.pth"
+    path.write_bytes(b"previous version")
+
+    def write_half_then_fail(f):
+        f.write(b"half of a new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(mt.UserError, match="No space left on device"):
+        mt.save_atomically(path, write_half_then_fail)
+    assert path.read_bytes() == b"previous version"
+    assert os.listdir(tmp_path) == ["best_model.pth"]
+
+
+def test_import_has_no_side_effects(tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import model_train"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_eval_reports_loss_and_accuracy_with_and_without_tta(data_dir, trained_run, tmp_path, capsys):
+    mt.main(["--eval", str(trained_run / "best_model.pth"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
+             "--workers", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    history = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)["history"]
+    best = max(history, key=lambda row: row["test_acc"])
+    assert f"test loss {best['test_loss']:.4f}, accuracy {best['test_acc']:.2f} %; with flip TTA" in out
+
+
+def test_benchmark_prints_cost_and_speed(capsys, monkeypatch):
+    real = mt.images_per_second
+    monkeypatch.setattr(mt, "images_per_second", lambda *a, **k: real(*a, **{**k, "seconds": 0.2}))
+    mt.main(["--benchmark", "--device", "cpu", "--workers", "0", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    for text in ("multiply-adds per image", "parameters", "training (model alone", "evaluation", "augmentation",
+                 "DataLoader"):
+        assert text in out
