@@ -13,6 +13,7 @@ import argparse
 import codecs
 import csv
 import io
+import itertools
 import math
 import os
 import pickle
@@ -58,7 +59,7 @@ MISCLASSIFIED = 20      # how many misclassified test images misclassified.png s
 SEED = 42               # same seed, same data order, augmentations, weights and metrics (on the CPU)
 DATA_DIR = "./data"     # holds cifar-10-batches-py/ (downloaded there if missing)
 OUT_DIR = "."           # where best_model.pth, last_checkpoint.pth, metrics.csv and the plots go
-WORKERS = "auto"        # DataLoader worker processes: a number, or auto (all but one core, at most 8)
+WORKERS = "auto"        # DataLoader worker processes: a number, or auto (see resolve_workers)
 DEVICE = "auto"         # auto (CUDA, else Apple MPS, else CPU), cuda, mps or cpu
 COMPILE = False         # torch.compile the model: faster steps on a GPU after a minute of compiling
 SETTINGS = [name for name, value in dict(globals()).items()  # the names above, in order
@@ -70,7 +71,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # published per-channel statistics of t
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 METRICS = dict(epoch="d", lr=".3e", train_loss=".4f", train_acc=".2f", test_loss=".4f", test_acc=".2f", seconds=".1f")
-CHECKPOINT_FORMAT = "model_train/1"  # marks files written by this script's save_checkpoint()
+CHECKPOINT_FORMAT = "model_train/1"  # marks the files save_checkpoint() writes
 
 
 class UserError(Exception):
@@ -208,8 +209,9 @@ def resolve_workers(workers, device):
     if workers != "auto":
         return workers
     cores = os.cpu_count() or 1
-    # On a GPU the workers feed it; on a CPU they share cores with training, and one keeps up (--benchmark).
-    return min(8, cores - 1) if device.type == "cuda" else min(1, cores - 1)
+    # A GPU eats tens of thousands of images a second and each worker augments a few thousand: give it all
+    # cores but one. On a CPU the workers share the cores with training, and one keeps up (--benchmark).
+    return min(16, cores - 1) if device.type != "cpu" else min(1, cores - 1)
 
 
 def make_loaders(data, cfg, device):
@@ -299,10 +301,20 @@ class Net(nn.Module):
 
 class Layer(NamedTuple):
     name: str
+    kind: str            # e.g. "conv 3x3 s2", "depthwise 3x3 d2", "pointwise 1x1", "linear"
     output_shape: tuple  # channels, height, width (or features for the head)
     receptive_field: int  # pixels across that one output position of this layer sees
     parameters: int      # of this layer alone (BatchNorm's are counted in the model total)
     macs: int            # multiply-adds per image
+
+
+def layer_kind(module):
+    if isinstance(module, nn.Linear):
+        return "linear"
+    size = "x".join(map(str, module.kernel_size))
+    kind = "depthwise" if module.groups == module.in_channels > 1 else "pointwise" if size == "1x1" else "conv"
+    return " ".join([kind, size] + [f"s{module.stride[0]}"] * (module.stride[0] > 1)
+                    + [f"d{module.dilation[0]}"] * (module.dilation[0] > 1))
 
 
 def layer_table(model, image_size=32):
@@ -322,7 +334,7 @@ def layer_table(model, image_size=32):
             else:
                 macs = module.weight.numel()
             params = sum(p.numel() for p in module.parameters())
-            rows.append(Layer(name, tuple(output.shape[1:]), receptive_field, params, macs))
+            rows.append(Layer(name, layer_kind(module), tuple(output.shape[1:]), receptive_field, params, macs))
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
@@ -353,10 +365,11 @@ def count_macs(model):
 def describe_model(model):
     """The per-layer table and the promised properties, printed at start; refuses a model that breaks them."""
     rows = layer_table(model)
-    print(f"{'layer':<24}{'output':>12}{'RF':>5}{'params':>9}{'MACs':>12}")
+    print(f"{'layer':<14}{'kind':<18}{'output':>10}{'RF':>5}{'params':>9}{'MACs':>12}")
     for r in rows:
         shape = "x".join(map(str, r.output_shape))
-        print(f"{r.name.removeprefix('features.'):<24}{shape:>12}{r.receptive_field:>5}{r.parameters:>9,}{r.macs:>12,}")
+        print(f"{r.name.removeprefix('features.'):<14}{r.kind:<18}{shape:>10}{r.receptive_field:>5}{r.parameters:>9,}"
+              f"{r.macs:>12,}")
     params, rf = count_parameters(model), [r for r in rows if r.name.startswith("features")][-1].receptive_field
     print(f"{params:,} parameters (limit {MAX_PARAMETERS:,}), {sum(r.macs for r in rows) / 1e6:.1f} M multiply-adds "
           f"per image, receptive field {rf} px (at least {MIN_RECEPTIVE_FIELD})")
@@ -425,6 +438,11 @@ def loss_and_accuracy(logits, labels):
 
 def evaluate(model, loader, device, tta=False):
     return loss_and_accuracy(*predict(model, loader, device, tta))
+
+
+def make_optimizer(model, cfg, device):
+    # fused on CUDA: one kernel updates all parameters, instead of several small kernels per parameter.
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
 def select_device(choice):
@@ -530,6 +548,29 @@ def read_resume_checkpoint(path):
     return checkpoint
 
 
+def save_checkpoint(path, model, optimizer, scheduler, history, best_acc, cfg):
+    """Everything a resumed run needs to continue exactly, including the random number generators' state."""
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+    save_torch(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), epoch=len(history), best_acc=best_acc, config=vars(cfg),
+                    history=history, rng=rng), path)
+
+
+def restore_checkpoint(checkpoint, model, optimizer, scheduler, path):
+    """Load what save_checkpoint() saved; returns (history, best accuracy)."""
+    load_weights(model, checkpoint["model"], path)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["history"], checkpoint["best_acc"]
+
+
+def column_width(key):
+    return max(len(key), 9)
+
+
 def train(cfg, explicit=frozenset()):
     checkpoint = read_resume_checkpoint(cfg.resume) if cfg.resume else None
     if checkpoint:
@@ -546,7 +587,7 @@ def train(cfg, explicit=frozenset()):
     model = model.to(device, memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     train_loader, test_loader = make_loaders(data, cfg, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)
     # OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the
     # curve is smooth; the high middle explores, the long tail settles into a minimum.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -556,18 +597,12 @@ def train(cfg, explicit=frozenset()):
 
     history, best_acc = [], 0.0
     if checkpoint:
-        load_weights(model, checkpoint["model"], cfg.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        history, best_acc = checkpoint["history"], checkpoint["best_acc"]
+        history, best_acc = restore_checkpoint(checkpoint, model, optimizer, scheduler, cfg.resume)
         write_metrics_csv(history, out / "metrics.csv")
         print(f"resumed from {cfg.resume} after epoch {len(history)} (best test accuracy {best_acc:.2f} %)")
 
     target_reached = any(row["test_acc"] >= cfg.target_acc for row in history)
-    print(f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} {'test_acc':>8} {'seconds':>7}")
+    print(" ".join(f"{key:>{column_width(key)}}" for key in METRICS))
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_loader.sampler.set_epoch(epoch)
@@ -577,18 +612,13 @@ def train(cfg, explicit=frozenset()):
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, seconds=time.perf_counter() - start)
         history.append(row)
-        tqdm.write(f"{epoch:>5} {lr:>9.2e} {train_loss:>10.4f} {train_acc:>9.2f} {test_loss:>9.4f} "
-                   f"{test_acc:>8.2f} {row['seconds']:>7.1f}")
+        tqdm.write(" ".join(f"{row[key]:>{column_width(key)}{spec}}" for key, spec in METRICS.items()))
         # Best weights first, then the checkpoint that records them: a kill in between costs only a rerun
         # of this epoch, which gives the same result.
         if test_acc > best_acc:
             best_acc = test_acc
             save_torch(model.state_dict(), out / "best_model.pth")
-        save_torch(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), epoch=epoch, best_acc=best_acc, config=vars(cfg),
-                        history=history, rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
-                                                  if device.type == "cuda" else [])),
-                   out / "last_checkpoint.pth")
+        save_checkpoint(out / "last_checkpoint.pth", model, optimizer, scheduler, history, best_acc, cfg)
         write_metrics_csv(history, out / "metrics.csv")
         if test_acc >= cfg.target_acc and not target_reached:
             target_reached = True
@@ -775,7 +805,7 @@ def benchmark(cfg):
     model = model.to(device, memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     images, labels = to_device(torch.randn(cfg.batch_size, 3, 32, 32), torch.randint(0, 10, (cfg.batch_size,)), device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)
 
     def train_step():
         with autocast(device):
@@ -794,30 +824,23 @@ def benchmark(cfg):
     model.eval()
     eval_speed = images_per_second(eval_step, cfg.batch_size, device)
 
-    cv2.setNumThreads(0)
-    fake = np.random.default_rng(cfg.seed).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
-    dataset = CIFAR10Albumentations(fake, np.zeros(len(fake), dtype=np.int64), train_transform(), cfg.seed)
-    position = iter(range(10**9))
-    augment_speed = images_per_second(lambda: dataset[next(position) % len(dataset)], 1, torch.device("cpu"))
-    workers = resolve_workers(cfg.workers, device)
-    loader = DataLoader(dataset, cfg.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), num_workers=workers,
-                        persistent_workers=workers > 0, worker_init_fn=init_worker, pin_memory=device.type == "cuda")
-    batches = iter(())
+    fake_images = np.random.default_rng(cfg.seed).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
+    fake_labels = np.zeros(len(fake_images), dtype=np.int64)
+    loader, _ = make_loaders((fake_images, fake_labels, fake_images, fake_labels), cfg, device)
+    indices = itertools.count()
+    augment_speed = images_per_second(lambda: loader.dataset[next(indices)], 1, torch.device("cpu"))
 
-    def next_batch():
-        nonlocal batches
-        try:
-            next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            next(batches)
+    def endless(loader):
+        while True:
+            yield from loader
 
-    loader_speed = images_per_second(next_batch, cfg.batch_size, torch.device("cpu"))
+    batches = endless(loader)
+    loader_speed = images_per_second(lambda: next(batches), cfg.batch_size, torch.device("cpu"))
     print(f"device {device}, batch size {cfg.batch_size}, {torch.get_num_threads()} CPU threads for the model")
     print(f"training (model alone, random tensors): {train_speed:9,.0f} images/s")
     print(f"evaluation (model alone):               {eval_speed:9,.0f} images/s")
     print(f"augmentation, one process:              {augment_speed:9,.0f} images/s")
-    print(f"DataLoader with {workers} worker(s):            {loader_speed:9,.0f} images/s")
+    print(f"DataLoader, {loader.num_workers} worker process(es):       {loader_speed:9,.0f} images/s")
 
 
 # ========================================================================================== command line
