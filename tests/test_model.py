@@ -100,3 +100,8 @@ def test_describe_model_prints_a_row_per_layer(capsys):
     assert f"receptive field {mt.receptive_field(mt.Net())} px" in out
     assert len(out.splitlines()) == len(mt.layer_table(mt.Net())) + 2
     assert f"{mt.count_parameters(mt.Net()):,} parameters" in out
+
+
+def test_dropout_setting_reaches_the_model():
+    rates = [m.p for m in mt.Net(dropout=0.3).modules() if isinstance(m, nn.Dropout)]
+    assert rates and all(p == 0.3 for p in rates)
