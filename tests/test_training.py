@@ -133,8 +133,8 @@ def test_save_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_import_has_no_side_effects(tmp_path):
-    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import model_train"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import model_train"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
     assert os.listdir(tmp_path) == []
 
