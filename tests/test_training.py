@@ -156,3 +156,48 @@ def test_benchmark_prints_cost_and_speed(capsys, monkeypatch):
     for text in ("multiply-adds per image", "parameters", "training (model alone", "evaluation", "augmentation",
                  "DataLoader"):
         assert text in out
+
+
+def test_weight_average_warms_up_then_follows_the_model_slowly():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    torch.nn.init.zeros_(model[0].weight)
+    average = mt.WeightAverage(model, decay=0.5)
+    assert not average.model.training and not any(p.requires_grad for p in average.model.parameters())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    average.update(model)  # step 1: decay min(0.5, 2 / 11), so the average moves 9/11 of the way
+    assert torch.allclose(average.model[0].weight, torch.full((2, 2), 9 / 11))
+    assert average.model[1].num_batches_tracked.item() == 7
+    for _ in range(20):  # later steps: decay 0.5 (the setting) once (1 + t) / (10 + t) passes it
+        average.update(model)
+    assert torch.allclose(average.model[0].weight, torch.ones(2, 2), atol=1e-5)
+    assert model[0].weight.requires_grad  # the live model is untouched
+
+
+@pytest.mark.parametrize("decay", ["0.999", "0"])
+def test_the_reported_and_kept_weights_are_the_average(decay, data_dir, tmp_path):
+    """With EMA on, each epoch's test accuracy and best_model.pth are the averaged weights'; off, the model's."""
+    mt.main(train_args(data_dir, tmp_path, "--ema-decay", decay))
+    checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    cfg = mt.get_args_parser().parse_args(train_args(data_dir, tmp_path))
+    _, test_loader = mt.make_loaders(mt.load_cifar10(data_dir), cfg, torch.device("cpu"))
+    raw = mt.Net()
+    raw.load_state_dict(checkpoint["model"])
+    if decay == "0":
+        assert checkpoint["average"] is None
+        kept = raw
+    else:
+        assert checkpoint["average"]["steps"] == 2 * 7  # updated once per batch: 2 epochs of 7 batches
+        kept = mt.Net()
+        kept.load_state_dict(checkpoint["average"]["weights"])
+        assert not torch.equal(kept.head[-1].weight, raw.head[-1].weight)
+    kept = kept.to(memory_format=torch.channels_last)  # as in training, so the arithmetic is the same
+    assert mt.evaluate(kept, test_loader, torch.device("cpu"))[1] == checkpoint["history"][-1]["test_acc"]
+
+
+def test_eval_of_a_last_checkpoint_uses_its_averaged_weights(data_dir, trained_run, tmp_path, capsys):
+    mt.main(["--eval", str(trained_run / "last_checkpoint.pth"), "--data-dir", str(data_dir), "--out-dir",
+             str(tmp_path), "--workers", "0", "--device", "cpu"])
+    last = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)["history"][-1]
+    assert f"accuracy {last['test_acc']:.2f} %" in capsys.readouterr().out
