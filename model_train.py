@@ -570,7 +570,7 @@ ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "workers", "device", "compile"}
 def resume_settings(cfg, checkpoint, explicit):
     """The checkpoint's settings, except where they describe this machine; a flag that would change the
     result is ignored, with a note, because a resumed run must end as the uninterrupted one would have."""
-    saved = checkpoint["config"]
+    saved = {"ema_decay": 0.0, **checkpoint["config"]}  # a run begun before EMA_DECAY existed goes on without it
     for key in sorted(explicit - ENVIRONMENT_SETTINGS):
         if key in saved and getattr(cfg, key) != saved[key]:
             print(f"note: --{key.replace('_', '-')} {getattr(cfg, key)} ignored; the resumed run keeps {saved[key]}")

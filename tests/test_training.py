@@ -22,6 +22,23 @@ def metrics_without_seconds(out):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+def stop_in_epoch_2(argv, monkeypatch):
+    """Run main(argv) with a Ctrl-C during epoch 2's test pass; returns the exit code."""
+    real_evaluate, evaluations = mt.evaluate, []
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mt, "evaluate", interrupt_in_epoch_2)
+        with pytest.raises(SystemExit) as exit_info:
+            mt.main(argv)
+    return exit_info.value.code
+
+
 def test_run_writes_the_three_files_and_a_loadable_best_model(trained_run):
     for name in ("best_model.pth", "last_checkpoint.pth", "metrics.csv"):
         assert (trained_run / name).is_file()
@@ -66,21 +83,7 @@ def test_other_seed_gives_other_metrics(data_dir, trained_run, tmp_path):
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, monkeypatch):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     mt.main(train_args(data_dir, whole, epochs=3))
-
-    evaluations = []
-    real_evaluate = mt.evaluate
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        evaluations.append(1)
-        if len(evaluations) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during epoch 2's test pass
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(mt, "evaluate", interrupt_in_epoch_2)
-    with pytest.raises(SystemExit) as exit_info:
-        mt.main(train_args(data_dir, broken, epochs=3))
-    assert exit_info.value.code == 130
-    monkeypatch.setattr(mt, "evaluate", real_evaluate)
+    assert stop_in_epoch_2(train_args(data_dir, broken, epochs=3), monkeypatch) == 130
     assert torch.load(broken / "last_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert len(metrics_without_seconds(broken)) == 1
 
@@ -201,3 +204,13 @@ def test_eval_of_a_last_checkpoint_uses_its_averaged_weights(data_dir, trained_r
              str(tmp_path), "--workers", "0", "--device", "cpu"])
     last = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)["history"][-1]
     assert f"accuracy {last['test_acc']:.2f} %" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_the_weight_average_resumes_without_one(data_dir, tmp_path, monkeypatch):
+    stop_in_epoch_2(train_args(data_dir, tmp_path), monkeypatch)
+    checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    del checkpoint["average"], checkpoint["config"]["ema_decay"]  # what the version before the average wrote
+    torch.save(checkpoint, tmp_path / "last_checkpoint.pth")
+    mt.main(["--resume", str(tmp_path / "last_checkpoint.pth"), "--data-dir", str(data_dir), "--workers", "0"])
+    resumed = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["average"] is None and resumed["config"]["ema_decay"] == 0
