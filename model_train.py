@@ -486,6 +486,10 @@ class WeightAverage:
         self.steps = state["steps"]
 
 
+def make_weight_average(model, cfg):
+    return WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None  # --ema-decay 0: none
+
+
 def select_device(choice):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if choice == "auto":
@@ -631,8 +635,9 @@ def train(cfg, explicit=frozenset()):
     step_model = torch.compile(model) if cfg.compile else model
     train_loader, test_loader = make_loaders(data, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
-    kept_model = average.model if average else model  # the weights evaluated each epoch and kept
+    average = make_weight_average(model, cfg)
+    kept_model = average.model if average else model  # the weights evaluated each epoch and kept ...
+    test_model = average.model if average else step_model  # ... and how to run them (compiled, if so)
     # OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the
     # curve is smooth; the high middle explores, the long tail settles into a minimum. Adam moves each weight
     # by about the learning rate per step whatever the gradient's size, and these conv weights are ~0.05: a
@@ -655,7 +660,7 @@ def train(cfg, explicit=frozenset()):
         train_loader.sampler.set_epoch(epoch)
         train_loss, train_acc = train_one_epoch(step_model, train_loader, optimizer, scheduler, criterion, device,
                                                 average, desc=f"epoch {epoch}/{cfg.epochs}")
-        test_loss, test_acc = evaluate(average.model if average else step_model, test_loader, device)
+        test_loss, test_acc = evaluate(test_model, test_loader, device)
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, seconds=time.perf_counter() - start)
         history.append(row)
@@ -855,8 +860,7 @@ def benchmark(cfg):
     step_model = torch.compile(model) if cfg.compile else model
     images, labels = to_device(torch.randn(cfg.batch_size, 3, 32, 32), torch.randint(0, 10, (cfg.batch_size,)), device)
     optimizer = make_optimizer(model, cfg, device)
-
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    average = make_weight_average(model, cfg)
 
     def train_step():
         with autocast(device):
