@@ -55,6 +55,8 @@ PCT_START = 0.2         # fraction of all steps spent warming up: a short warm-u
 DROPOUT = 0.1           # dropout on the pooled features before the linear head
 LABEL_SMOOTHING = 0.1   # target 0.9 for the true class: keeps logits from growing without bound
 EMA_DECAY = 0.999       # evaluate and save a moving average of the weights (per-step decay); 0 turns it off
+AFFINE_P = 0.5          # share of training images shifted/scaled/rotated (up to 10 %, 10 %, 10 degrees)
+CUTOUT_P = 0.5          # share of training images with one 16 x 16 hole of the mean colour; 0 turns it off
 TTA = True              # also report accuracy with flip test-time augmentation (mean of image and mirror)
 TARGET_ACC = 85.0       # announce the first epoch whose test accuracy (%) reaches this
 MISCLASSIFIED = 20      # how many misclassified test images misclassified.png shows
@@ -147,16 +149,16 @@ def load_cifar10(data_dir):
     return (*parts["train"], *parts["test"])
 
 
-def train_transform():
+def train_transform(affine_p=AFFINE_P, cutout_p=CUTOUT_P):
     """The training augmentation. strict=True turns a misspelled or renamed argument, which Albumentations
     would otherwise drop with a mere warning, into an error."""
     mean_pixel = tuple(255 * m for m in CIFAR10_MEAN)  # in pixel units, so a hole normalizes to ~0
     return A.Compose([
         A.HorizontalFlip(p=0.5),
         A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10),
-                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),  # reflect, so no black corners appear
+                 border_mode=cv2.BORDER_REFLECT_101, p=affine_p),  # reflect, so no black corners appear
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
-                        fill=mean_pixel, p=0.5),
+                        fill=mean_pixel, p=cutout_p),
         A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD),
         ToTensorV2(),
     ], strict=True)
@@ -226,7 +228,8 @@ def make_loaders(data, cfg, device):
                   # A private generator: the loader's worker seeds must not draw from the global RNG that
                   # dropout uses, or a resumed run would drift from an uninterrupted one.
                   generator=torch.Generator().manual_seed(cfg.seed))
-    train_set = CIFAR10Albumentations(train_images, train_labels, train_transform(), seed=cfg.seed)
+    train_set = CIFAR10Albumentations(train_images, train_labels, train_transform(cfg.affine_p, cfg.cutout_p),
+                                      seed=cfg.seed)
     test_set = CIFAR10Albumentations(test_images, test_labels, test_transform())
     train_loader = DataLoader(train_set, cfg.batch_size, sampler=EpochSampler(len(train_set), cfg.seed), **common)
     test_loader = DataLoader(test_set, 2 * cfg.batch_size, shuffle=False, **common)
@@ -929,6 +932,13 @@ def non_negative_float(text):
     return value
 
 
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, not {text}")
+    return value
+
+
 def fraction(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -949,9 +959,9 @@ def device_name(text):
 # What each setting accepts, beyond the type of its default. argparse names the flag in its error message.
 SETTING_TYPES = dict(EPOCHS=positive_int, BATCH_SIZE=positive_int, LR=positive_float, MAX_LR=positive_float,
                      WEIGHT_DECAY=non_negative_float, PCT_START=fraction, DROPOUT=fraction, LABEL_SMOOTHING=fraction,
-                     EMA_DECAY=fraction,
+                     EMA_DECAY=fraction, AFFINE_P=probability, CUTOUT_P=probability,
                      MISCLASSIFIED=non_negative_int, SEED=non_negative_int, WORKERS=worker_count, DEVICE=device_name)
-for _convert in (positive_int, non_negative_int, positive_float, non_negative_float, fraction):
+for _convert in (positive_int, non_negative_int, positive_float, non_negative_float, probability, fraction):
     _convert.__name__ = "number"  # argparse says "invalid number value: 'abc'" for text that is not a number
 
 

@@ -100,6 +100,28 @@ def test_each_random_augmentation_fires_half_the_time():
                              "ToTensorV2": 1.0}
 
 
+def test_affine_and_cutout_probabilities_come_from_the_flags(data_dir):
+    """--affine-p 0 --cutout-p 0 leaves only the flip; --cutout-p 1 cuts a hole into every image."""
+    data = mt.load_cifar10(data_dir)
+    images = torch.from_numpy(data[0]).permute(0, 3, 1, 2) / 255
+
+    def training_images(*flags):
+        cfg = mt.get_args_parser().parse_args(["--workers", "0", "--batch-size", "64", *flags])
+        loader, _ = mt.make_loaders(data, cfg, torch.device("cpu"))
+        loader.sampler.set_epoch(0)
+        index = list(loader.sampler)[:64]  # epoch 0: the first batch's image numbers, in order
+        batch = next(iter(loader))[0] * torch.tensor(mt.CIFAR10_STD).view(3, 1, 1) \
+            + torch.tensor(mt.CIFAR10_MEAN).view(3, 1, 1)
+        return batch, images[index]
+
+    batch, originals = training_images("--affine-p", "0", "--cutout-p", "0")
+    for out, original in zip(batch, originals):  # only flipped or not: nothing moved, nothing cut
+        assert min((out - original).abs().max(), (out - original.flip(2)).abs().max()) < 1e-4
+    batch, _ = training_images("--cutout-p", "1")
+    hole = (batch - torch.tensor(mt.CIFAR10_MEAN).view(3, 1, 1)).abs().amax(1) < 0.01  # mean colour
+    assert all(h.sum() >= 256 for h in hole)  # every image has a 16 x 16 hole of the mean colour
+
+
 def test_horizontal_flip_mirrors_the_image():
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert np.array_equal(only(A.HorizontalFlip)(image=image)["image"], image[:, ::-1])
@@ -169,7 +191,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(data_dir):
     data = mt.load_cifar10(data_dir)
 
     def first_batches(workers):
-        cfg = Namespace(workers=workers, seed=3, batch_size=16)
+        cfg = Namespace(workers=workers, seed=3, batch_size=16, affine_p=mt.AFFINE_P, cutout_p=mt.CUTOUT_P)
         loader, _ = mt.make_loaders(data, cfg, torch.device("cpu"))
         loader.sampler.set_epoch(2)
         return [images for images, _ in list(loader)[:3]]
