@@ -980,13 +980,18 @@ def setting_help():
     return {name: text.replace("%", "%%") for name, text in found}  # argparse formats help with %
 
 
+def setting_flag(name):
+    """The command-line flag of a setting: MAX_LR is --max-lr."""
+    return "--" + name.lower().replace("_", "-")
+
+
 def get_args_parser():
     parser = OneLineParser(prog="model_train.py", allow_abbrev=False,  # --epoch is a typo, not --epochs
                            description="Train a compact CNN on CIFAR-10 (see README.md).",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = setting_help()
     for name in SETTINGS:
-        default, flag = globals()[name], "--" + name.lower().replace("_", "-")
+        default, flag = globals()[name], setting_flag(name)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(name))
         else:

@@ -37,4 +37,4 @@ def test_every_flag_the_readme_names_exists():
     known = set(re.findall(r"--[a-z][a-z-]*", mt.get_args_parser().format_help()))
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", README))
     assert named - known == set()
-    assert {"--" + name.lower().replace("_", "-") for name in mt.SETTINGS} <= named  # every setting is documented
+    assert {mt.setting_flag(name) for name in mt.SETTINGS} <= named  # every setting is documented
