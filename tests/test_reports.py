@@ -73,10 +73,16 @@ def test_misclassified_holds_only_mistakes_with_their_true_labels(predictions):
         assert true != predicted and confidence == pytest.approx(logits[index].softmax(0).max().item())
 
 
-def test_denormalize_inverts_normalize_within_one_level():
-    image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    restored = mt.denormalize(mt.test_transform()(image=image)["image"])
-    assert restored.dtype == np.uint8 and np.abs(restored.astype(int) - image).max() <= 1
+def test_misclassified_png_shows_the_images_in_their_true_colours(monkeypatch, tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    labels = torch.from_numpy(np.arange(20) % 10)
+    logits = torch.nn.functional.one_hot((labels + 1) % 10, 10).float()  # every image wrong
+    shown = {}
+    monkeypatch.setattr(mt, "plot_misclassified", lambda pictures, captions, path: shown.update(pictures=pictures))
+    mt.write_reports(logits, labels, mt.CIFAR10Albumentations(images, labels.numpy(), mt.test_transform()), tmp_path, 3)
+    assert len(shown["pictures"]) == 3
+    for picture, original in zip(shown["pictures"], images):  # the first three, as height x width x 3 pixels
+        assert picture.dtype == np.uint8 and np.array_equal(picture, original)
 
 
 def test_flip_tta_equals_plain_evaluation_on_mirror_symmetric_images():
