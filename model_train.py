@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 # Edit these, or override any of them from the command line: EPOCHS is --epochs, MAX_LR is --max-lr, ...
 # Every UPPER_CASE name in this block becomes a flag, with its comment as the help text.
 EPOCHS = 75             # length of the one-cycle schedule; 20 is the short run, 15 the CPU quick run
-BATCH_SIZE = 128        # images per optimizer step
+BATCH_SIZE = 128        # images per optimizer step; on a GPU, 512 with MAX_LR 8e-3 trains 3x faster (README)
 LR = 1e-3               # learning rate at the first step; OneCycle warms up from here to MAX_LR
 MAX_LR = 4e-3           # peak learning rate after PCT_START of the steps, then cosine-annealed (1e-2 stalled Adam)
 WEIGHT_DECAY = 1e-4     # Adam's L2 penalty on the weights
@@ -892,7 +892,9 @@ def benchmark(cfg):
     model.eval()
     eval_speed = images_per_second(eval_step, cfg.batch_size, device)
 
-    fake_images = np.random.default_rng(cfg.seed).integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
+    # As many stand-in images as CIFAR-10's training set: a pass lasts as long as a real epoch, so the many
+    # workers of a GPU run are all busy, not waiting at the end of a short pass.
+    fake_images = np.random.default_rng(cfg.seed).integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
     fake_labels = np.zeros(len(fake_images), dtype=np.int64)
     loader, _ = make_loaders((fake_images, fake_labels, fake_images, fake_labels), cfg, device)
     indices = itertools.count()
