@@ -829,7 +829,7 @@ def write_reports(logits, labels, test_set, out, num_misclassified):
     write_per_class(counts, out / "per_class.csv")
     plot_confusion_matrix(counts, out / "confusion_matrix.png")
     wrong = misclassified(logits, labels, num_misclassified)
-    plot_misclassified([test_set[i][0].permute(1, 2, 0).numpy() for i, *_ in wrong],  # as height x width x 3
+    plot_misclassified([test_set.images[i] for i, *_ in wrong],  # the stored height x width x 3 pixels
                        [f"{true} → {predicted} ({confidence:.0%})" for _, true, predicted, confidence in wrong],
                        out / "misclassified.png")
     written = ["per_class.csv", "confusion_matrix.png", "misclassified.png"]
