@@ -94,9 +94,14 @@ def test_pipelines_are_strict_about_arguments():
         A.Compose([A.HorizontalFlip(probability=0.5)], strict=True)
 
 
-def test_each_random_augmentation_fires_half_the_time():
-    probabilities = {type(t).__name__: t.p for t in mt.train_transform().transforms}
-    assert probabilities == {"HorizontalFlip": 0.5, "Affine": 0.5, "CoarseDropout": 0.5, "ToTensorV2": 1.0}
+def test_each_random_augmentation_fires_as_often_as_its_setting():
+    def probabilities(*args):
+        return {type(t).__name__: t.p for t in mt.train_transform(*args).transforms}
+
+    assert probabilities() == {"HorizontalFlip": 0.5, "Affine": mt.AFFINE_P, "CoarseDropout": mt.CUTOUT_P,
+                               "ToTensorV2": 1.0}
+    assert probabilities(0.25, 0.75) == {"HorizontalFlip": 0.5, "Affine": 0.25, "CoarseDropout": 0.75,
+                                         "ToTensorV2": 1.0}
 
 
 def test_affine_and_cutout_probabilities_come_from_the_flags(data_dir):
