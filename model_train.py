@@ -592,10 +592,11 @@ def resume_settings(cfg, checkpoint, explicit):
     """The checkpoint's settings, except where they describe this machine; a flag that would change the
     result is ignored, with a note, because a resumed run must end as the uninterrupted one would have."""
     saved = {"ema_decay": 0.0, **checkpoint["config"]}  # a run begun before EMA_DECAY existed goes on without it
-    for key in sorted(explicit - ENVIRONMENT_SETTINGS):
+    from_command = ENVIRONMENT_SETTINGS | {"resume"}  # the saved run's own --resume was None, not this checkpoint
+    for key in sorted(explicit - from_command):
         if key in saved and getattr(cfg, key) != saved[key]:
             print(f"note: --{key.replace('_', '-')} {getattr(cfg, key)} ignored; the resumed run keeps {saved[key]}")
-    merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in ENVIRONMENT_SETTINGS}}
+    merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in from_command}}
     if "out_dir" not in explicit:  # continue in the run's own folder
         merged["out_dir"] = str(Path(cfg.resume).parent)
     return argparse.Namespace(**{**vars(cfg), **merged})

@@ -100,7 +100,9 @@ def test_resume_ignores_flags_that_would_change_the_result(data_dir, trained_run
     cfg = mt.get_args_parser().parse_args(["--resume", "x/last_checkpoint.pth", "--epochs", "9", "--workers", "3"])
     merged = mt.resume_settings(cfg, checkpoint, {"epochs", "workers", "resume"})
     assert merged.epochs == 2 and merged.workers == 3 and merged.out_dir == "x"
-    assert "--epochs 9 ignored" in capsys.readouterr().out
+    assert merged.resume == "x/last_checkpoint.pth"  # not the saved run's own None
+    out = capsys.readouterr().out
+    assert "--epochs 9 ignored" in out and "--resume" not in out
 
 
 def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(data_dir, tmp_path):
