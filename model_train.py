@@ -64,6 +64,7 @@ MISCLASSIFIED = 20      # how many misclassified test images misclassified.png s
 SEED = 42               # same seed, same data order, augmentations, weights and metrics (on the CPU)
 DATA_DIR = "./data"     # holds cifar-10-batches-py/ (downloaded there if missing)
 OUT_DIR = "."           # where best_model.pth, last_checkpoint.pth, metrics.csv and the plots go
+OVERWRITE = False       # let a new run replace the best_model.pth and last_checkpoint.pth of an earlier run in OUT_DIR
 WORKERS = "auto"        # DataLoader worker processes: a number, or auto (see resolve_workers)
 DEVICE = "auto"         # auto (CUDA, else Apple MPS, else CPU), cuda, mps or cpu
 COMPILE = False         # torch.compile the model: faster steps on a GPU after a minute of compiling
@@ -585,7 +586,8 @@ def load_weights(model, state_dict, path):
 
 # ------------------------------------------------------------------------------------------------ training
 # Settings that describe the run's environment, not its result: a resumed run takes them from the command line.
-ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "workers", "device", "compile"}
+ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "overwrite", "workers", "device", "compile"}
+RUN_FILES = ("best_model.pth", "last_checkpoint.pth")  # what a run saves and a later run must not silently replace
 
 
 def resume_settings(cfg, checkpoint, explicit):
@@ -600,6 +602,17 @@ def resume_settings(cfg, checkpoint, explicit):
     if "out_dir" not in explicit:  # continue in the run's own folder
         merged["out_dir"] = str(Path(cfg.resume).parent)
     return argparse.Namespace(**{**vars(cfg), **merged})
+
+
+def check_for_earlier_run(out, cfg):
+    """A new run writes best_model.pth at its first epoch. If the folder holds another run's files, stop before
+    anything is written, unless --overwrite says to replace them (or --resume continues that very run)."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    continuing = cfg.resume and Path(cfg.resume).resolve().parent == out.resolve()
+    if found and not cfg.overwrite and not continuing:
+        hint = f"; --resume {out / RUN_FILES[1]} continues that run" if RUN_FILES[1] in found else ""
+        raise UserError(f"{out} already holds {' and '.join(found)} from an earlier run: give another --out-dir to "
+                        f"keep them, or add --overwrite to replace them{hint}")
 
 
 def read_resume_checkpoint(path):
@@ -641,6 +654,7 @@ def train(cfg, explicit=frozenset()):
     if checkpoint:
         cfg = resume_settings(cfg, checkpoint, explicit)
     out = prepare_out_dir(cfg.out_dir)
+    check_for_earlier_run(out, cfg)
     device = select_device(cfg.device)
     data = load_cifar10(cfg.data_dir)
     print(f"CIFAR-10 from {Path(cfg.data_dir) / BATCH_FOLDER}: {len(data[1]):,} training and "

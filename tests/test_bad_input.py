@@ -59,7 +59,7 @@ def test_bad_flag_values(flags, message, capsys):
 
 def test_unavailable_device(data_dir, out_dir, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    err = fails_with_one_line(train_args(data_dir, out_dir)[:-6] + ["--device", "cuda"], capsys)
+    err = fails_with_one_line(train_args(data_dir, out_dir)[:-6] + ["--device", "cuda", "--overwrite"], capsys)
     assert "--device cuda is not available" in err
 
 
@@ -70,13 +70,13 @@ def test_empty_data_folder_without_network(tmp_path, out_dir, capsys, monkeypatc
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
-    err = fails_with_one_line(train_args(tmp_path / "nothing", out_dir), capsys)
+    err = fails_with_one_line(train_args(tmp_path / "nothing", out_dir, "--overwrite"), capsys)
     assert "could not download CIFAR-10" in err and "offline" in err
 
 
 def test_empty_batch_folder(tmp_path, out_dir, capsys):
     (tmp_path / "cifar-10-batches-py").mkdir()
-    err = fails_with_one_line(train_args(tmp_path, out_dir), capsys)
+    err = fails_with_one_line(train_args(tmp_path, out_dir, "--overwrite"), capsys)
     assert "data_batch_1 is missing" in err
 
 
@@ -84,7 +84,7 @@ def test_truncated_dataset(tmp_path, out_dir, capsys):
     make_cifar_folder(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
     path.write_bytes(path.read_bytes()[:1000])
-    err = fails_with_one_line(train_args(tmp_path, out_dir), capsys)
+    err = fails_with_one_line(train_args(tmp_path, out_dir, "--overwrite"), capsys)
     assert "data_batch_4 is truncated" in err
 
 
@@ -126,6 +126,19 @@ def test_resume_from_best_model_says_which_file_to_use(data_dir, out_dir, capsys
     assert "resume from last_checkpoint.pth" in err
 
 
+def test_a_new_run_keeps_an_earlier_runs_files(data_dir, out_dir, capsys):
+    err = fails_with_one_line(train_args(data_dir, out_dir), capsys)
+    assert f"{out_dir} already holds best_model.pth and last_checkpoint.pth from an earlier run" in err
+    assert "another --out-dir" in err and "--overwrite" in err
+    assert f"--resume {out_dir / 'last_checkpoint.pth'} continues that run" in err
+
+
+def test_resume_into_another_runs_folder_keeps_its_files(data_dir, out_dir, trained_run, capsys):
+    err = fails_with_one_line(["--resume", str(trained_run / "last_checkpoint.pth"), "--data-dir", str(data_dir),
+                               "--out-dir", str(out_dir), "--workers", "0"], capsys)
+    assert "already holds" in err and "--overwrite" in err
+
+
 def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
@@ -146,4 +159,4 @@ def test_read_only_out_dir(data_dir, out_dir, capsys):
 
 def test_a_model_over_the_parameter_limit_is_refused(data_dir, out_dir, capsys, monkeypatch):
     monkeypatch.setattr(mt, "MAX_PARAMETERS", 100_000)
-    assert "over the 100,000 limit" in fails_with_one_line(train_args(data_dir, out_dir), capsys)
+    assert "over the 100,000 limit" in fails_with_one_line(train_args(data_dir, out_dir, "--overwrite"), capsys)

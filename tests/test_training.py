@@ -80,6 +80,15 @@ def test_other_seed_gives_other_metrics(data_dir, trained_run, tmp_path):
     assert metrics_without_seconds(tmp_path) != metrics_without_seconds(trained_run)
 
 
+def test_overwrite_replaces_an_earlier_run(data_dir, trained_run, tmp_path):
+    for path in trained_run.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    mt.main(train_args(data_dir, tmp_path, "--seed", "5", "--overwrite"))
+    assert metrics_without_seconds(tmp_path) != metrics_without_seconds(trained_run)
+    assert torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)["config"]["seed"] == 5
+    assert (tmp_path / "best_model.pth").read_bytes() != (trained_run / "best_model.pth").read_bytes()
+
+
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, monkeypatch):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     mt.main(train_args(data_dir, whole, epochs=3))
