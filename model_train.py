@@ -610,9 +610,10 @@ def check_for_earlier_run(out, cfg):
     found = [name for name in RUN_FILES if (out / name).exists()]
     continuing = cfg.resume and Path(cfg.resume).resolve().parent == out.resolve()
     if found and not cfg.overwrite and not continuing:
+        them = "them" if len(found) > 1 else "it"
         hint = f"; --resume {out / RUN_FILES[1]} continues that run" if RUN_FILES[1] in found else ""
         raise UserError(f"{out} already holds {' and '.join(found)} from an earlier run: give another --out-dir to "
-                        f"keep them, or add --overwrite to replace them{hint}")
+                        f"keep {them}, or add --overwrite to replace {them}{hint}")
 
 
 def read_resume_checkpoint(path):
