@@ -587,18 +587,17 @@ def load_weights(model, state_dict, path):
 # ------------------------------------------------------------------------------------------------ training
 # Settings that describe the run's environment, not its result: a resumed run takes them from the command line.
 ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "overwrite", "workers", "device", "compile"}
-RUN_FILES = ("best_model.pth", "last_checkpoint.pth")  # what a run saves and a later run must not silently replace
 
 
 def resume_settings(cfg, checkpoint, explicit):
     """The checkpoint's settings, except where they describe this machine; a flag that would change the
     result is ignored, with a note, because a resumed run must end as the uninterrupted one would have."""
     saved = {"ema_decay": 0.0, **checkpoint["config"]}  # a run begun before EMA_DECAY existed goes on without it
-    from_command = ENVIRONMENT_SETTINGS | {"resume"}  # the saved run's own --resume was None, not this checkpoint
-    for key in sorted(explicit - from_command):
+    saved = {k: v for k, v in saved.items() if k.upper() in SETTINGS}  # its settings, not its --resume/--eval
+    for key in sorted(explicit - ENVIRONMENT_SETTINGS):
         if key in saved and getattr(cfg, key) != saved[key]:
             print(f"note: --{key.replace('_', '-')} {getattr(cfg, key)} ignored; the resumed run keeps {saved[key]}")
-    merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in from_command}}
+    merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in ENVIRONMENT_SETTINGS}}
     if "out_dir" not in explicit:  # continue in the run's own folder
         merged["out_dir"] = str(Path(cfg.resume).parent)
     return argparse.Namespace(**{**vars(cfg), **merged})
@@ -607,11 +606,11 @@ def resume_settings(cfg, checkpoint, explicit):
 def check_for_earlier_run(out, cfg):
     """A new run writes best_model.pth at its first epoch. If the folder holds another run's files, stop before
     anything is written, unless --overwrite says to replace them (or --resume continues that very run)."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    found = [name for name in ("best_model.pth", "last_checkpoint.pth") if (out / name).exists()]
     continuing = cfg.resume and Path(cfg.resume).resolve().parent == out.resolve()
     if found and not cfg.overwrite and not continuing:
         them = "them" if len(found) > 1 else "it"
-        hint = f"; --resume {out / RUN_FILES[1]} continues that run" if RUN_FILES[1] in found else ""
+        hint = f"; --resume {out / 'last_checkpoint.pth'} continues that run" if "last_checkpoint.pth" in found else ""
         raise UserError(f"{out} already holds {' and '.join(found)} from an earlier run: give another --out-dir to "
                         f"keep {them}, or add --overwrite to replace {them}{hint}")
 
