@@ -89,7 +89,8 @@ def test_receptive_field_is_at_least_49_and_confirmed_by_backprop():
 
 def test_describe_model_refuses_a_model_over_the_limit(capsys):
     big = mt.Net()
-    big.head[-1] = nn.Linear(128, 200_000 // 128)  # pushes the count past 200,000
+    width = big.head[-1].in_features
+    big.head[-1] = nn.Linear(width, 200_000 // width)  # pushes the count past 200,000
     with pytest.raises(mt.UserError, match="over the 200,000 limit"):
         mt.describe_model(big)
 
@@ -105,3 +106,16 @@ def test_describe_model_prints_a_row_per_layer(capsys):
 def test_dropout_setting_reaches_the_model():
     rates = [m.p for m in mt.Net(dropout=0.3).modules() if isinstance(m, nn.Dropout)]
     assert rates and all(p == 0.3 for p in rates)
+
+
+def test_inverted_bottleneck_widens_looks_around_and_projects_back_linearly():
+    unit = mt.InvertedBottleneck(8, expansion=3, dilation=2)
+    convs = [m for m in unit.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (8, 24, (1, 1)), (24, 24, (3, 3)), (24, 8, (1, 1))]
+    assert convs[1].groups == 24 and convs[1].dilation == (2, 2)
+    assert isinstance(unit[-1], nn.BatchNorm2d), "the projection ends in BatchNorm, no ReLU"
+    with torch.no_grad():
+        out = unit.eval()(torch.randn(2, 8, 10, 10))
+    assert out.shape == (2, 8, 10, 10)
+    assert (out < 0).any(), "a ReLU after the projection would make every output non-negative"
