@@ -51,7 +51,7 @@ EPOCHS = 75             # length of the one-cycle schedule; 20 is the short run 
 BATCH_SIZE = 128        # images per optimizer step; on a GPU, 512 with MAX_LR 8e-3 trains ~2.5x faster (README)
 LR = 1e-3               # learning rate at the first step; OneCycle warms up from here to MAX_LR
 MAX_LR = 4e-3           # peak learning rate after PCT_START of the steps, then cosine-annealed (1e-2 stalled Adam)
-WEIGHT_DECAY = 1e-4     # Adam's L2 penalty on the weights
+WEIGHT_DECAY = 5e-2     # decoupled weight decay (AdamW): each step shrinks every weight by lr x this
 PCT_START = 0.2         # fraction of all steps spent warming up: a short warm-up keeps early Adam steps stable
 DROPOUT = 0.1           # dropout on the pooled features before the linear head
 LABEL_SMOOTHING = 0.1   # target 0.9 for the true class: keeps logits from growing without bound
@@ -483,8 +483,11 @@ def evaluate(model, loader, device, tta=False):
 
 
 def make_optimizer(model, cfg, device):
-    # fused on CUDA: one kernel updates all parameters, instead of several small kernels per parameter.
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    """Adam with decoupled weight decay (AdamW). Adam's own weight_decay adds an L2 term to the gradient, which
+    Adam then rescales like any gradient, so it hardly holds back the weights whose gradients are large; AdamW
+    shrinks every weight by lr x weight_decay apart from the gradient: +0.6 points in 75 epochs and in 20 on the
+    CPU (README, Results). fused on CUDA: one kernel updates all parameters, instead of several small kernels."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
 class WeightAverage:

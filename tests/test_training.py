@@ -172,6 +172,19 @@ def test_benchmark_prints_cost_and_speed(capsys, monkeypatch):
         assert text in out
 
 
+def test_weight_decay_is_decoupled_from_the_gradient():
+    """With no gradient, a step shrinks each weight by lr x weight_decay (AdamW); Adam's L2 penalty would instead
+    move every weight by about lr, whatever its size, as Adam normalizes the penalty like any gradient."""
+    cfg = mt.get_args_parser().parse_args(["--lr", "0.1", "--weight-decay", "0.5"])
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[4.0, -0.01]]))
+    optimizer = mt.make_optimizer(model, cfg, torch.device("cpu"))
+    model.weight.grad = torch.zeros_like(model.weight)
+    optimizer.step()
+    assert torch.allclose(model.weight.detach(), torch.tensor([[4.0, -0.01]]) * (1 - 0.1 * 0.5))
+
+
 def test_weight_average_warms_up_then_follows_the_model_slowly():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     torch.nn.init.zeros_(model[0].weight)
