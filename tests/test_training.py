@@ -185,6 +185,22 @@ def test_weight_decay_is_decoupled_from_the_gradient():
     assert torch.allclose(model.weight.detach(), torch.tensor([[4.0, -0.01]]) * (1 - 0.1 * 0.5))
 
 
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpus_before_ampere_train_in_float32(capability, native, monkeypatch):
+    """A T4 (Colab's free GPU, capability 7.5) would emulate bfloat16, slower than float32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    mt.native_bf16.cache_clear()
+    try:
+        assert mt.native_bf16(torch.device("cuda")) is native
+        assert mt.precision(torch.device("cuda")) == ("bfloat16 autocast" if native else "float32")
+    finally:
+        mt.native_bf16.cache_clear()
+
+
+def test_mps_is_not_autocast():
+    assert mt.native_bf16(torch.device("mps")) is False
+
+
 def test_weight_average_warms_up_then_follows_the_model_slowly():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     torch.nn.init.zeros_(model[0].weight)
