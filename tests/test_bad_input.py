@@ -126,6 +126,15 @@ def test_resume_from_best_model_says_which_file_to_use(data_dir, out_dir, capsys
     assert "resume from last_checkpoint.pth" in err
 
 
+def test_resume_from_a_checkpoint_of_the_relu_net_says_which_version_to_use(data_dir, out_dir, tmp_path, capsys):
+    """Its weights have the same shapes as today's Net, so only the format tells the two apart."""
+    checkpoint = torch.load(out_dir / "last_checkpoint.pth", weights_only=True)
+    old = tmp_path / "relu_checkpoint.pth"
+    torch.save({**checkpoint, "format": "model_train/1"}, old)
+    err = fails_with_one_line(["--resume", str(old), *train_args(data_dir, tmp_path / "new")], capsys)
+    assert "earlier version" in err and "git checkout 14e11af" in err
+
+
 def test_a_new_run_keeps_an_earlier_runs_files(data_dir, out_dir, capsys):
     err = fails_with_one_line(train_args(data_dir, out_dir), capsys)
     assert f"{out_dir} already holds best_model.pth and last_checkpoint.pth from an earlier run" in err
