@@ -78,7 +78,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 METRICS = dict(epoch="d", lr=".3e", train_loss=".4f", train_acc=".2f", test_loss=".4f", test_acc=".2f", seconds=".1f")
 CHECKPOINT_FORMAT = "model_train/2"  # marks the files save_checkpoint() writes; /2 since Net uses SiLU
-EARLIER_FORMATS = {"model_train/1": "14e11af"}  # ... and the last commit that can resume each earlier one
+EARLIER_FORMATS = {  # ... and what --resume says of each earlier one
+    "model_train/1": "whose Net used ReLU; finish that run with it (git checkout 14e11af)"}
 
 
 class UserError(Exception):
@@ -654,8 +655,8 @@ def check_for_earlier_run(out, cfg):
 def read_resume_checkpoint(path):
     checkpoint = load_checkpoint_file(path, "--resume checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("format") in EARLIER_FORMATS:  # same shapes, other activation
-        raise UserError(f"--resume {path} was written by an earlier version of this script, whose Net used ReLU; "
-                        f"finish that run with it (git checkout {EARLIER_FORMATS[checkpoint['format']]})")
+        raise UserError(f"--resume {path} was written by an earlier version of this script, "
+                        f"{EARLIER_FORMATS[checkpoint['format']]}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         hint = " (best_model.pth holds weights only: resume from last_checkpoint.pth)" \
             if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()) else ""
