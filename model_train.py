@@ -243,8 +243,43 @@ def make_loaders(data, cfg, device):
 
 
 # ================================================================================================= model
+class DilatedConv2d(nn.Conv2d):
+    """A stride-1 dilated conv that, on a CPU, runs as the same undilated conv on the d x d interleaved sub-grids
+    of its input ("space to batch", as in TensorFlow's atrous_conv2d): same weights, same outputs.
+
+    oneDNN, PyTorch's CPU conv library, has no fast kernel for the backward pass of a dilated depthwise conv: it
+    took 14-35x as long as the undilated one, a fifth of each training step, and regrouping the pixels costs far
+    less. The whole step runs 1.1-1.6x faster on an AVX2 CPU (README, Results). GPUs take the plain path."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, dilation, groups=1):
+        super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
+                         dilation=dilation, groups=groups, bias=False)
+
+    def forward(self, x):
+        d = self.dilation[0]
+        n, c, h, w = x.shape
+        if x.device.type != "cpu" or h % d or w % d:
+            return super().forward(x)
+        # Pixel (d*i + r, d*j + s) goes to sub-grid (r, s), position (i, j); dilation d becomes dilation 1 there.
+        # The shuffles work on the channels-last order (n, h, w, c), so each is a single copy.
+        sub = x.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(0, 2, 4, 1, 3, 5)
+        sub = sub.reshape(n * d * d, h // d, w // d, c).permute(0, 3, 1, 2)
+        y = F.conv2d(sub, self.weight, None, 1, self.kernel_size[0] // 2, 1, self.groups)
+        y = y.permute(0, 2, 3, 1).reshape(n, d, d, h // d, w // d, -1).permute(0, 3, 1, 4, 2, 5)
+        return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def conv2d(in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
+    """A k x k conv padded to keep the map size (divided by the stride). No bias: the BatchNorm after it shifts."""
+    if dilation > 1:
+        assert stride == 1, "DilatedConv2d regroups pixels for stride 1 only"
+        return DilatedConv2d(in_channels, out_channels, kernel_size, dilation, groups)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, groups=groups,
+                     bias=False)
+
+
 class ConvBNAct(nn.Sequential):
-    """k x k convolution -> BatchNorm -> SiLU. No conv bias: BatchNorm's shift does that job.
+    """k x k convolution -> BatchNorm -> SiLU.
 
     SiLU (x * sigmoid(x), "swish"), the activation of EfficientNet and MobileNetV3, instead of ReLU: it passes a
     little of each negative input and bends smoothly, so a narrow net keeps more of what its few channels carry.
@@ -252,8 +287,7 @@ class ConvBNAct(nn.Sequential):
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=dilation * (kernel_size // 2),
-                      dilation=dilation, groups=groups, bias=False),
+            conv2d(in_channels, out_channels, kernel_size, stride, dilation, groups),
             nn.BatchNorm2d(out_channels), nn.SiLU(inplace=True))
 
 
@@ -263,9 +297,8 @@ class DepthwiseSeparable(nn.Sequential):
 
     def __init__(self, in_channels, out_channels, stride=1, dilation=1):
         super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, stride, padding=dilation, dilation=dilation,
-                      groups=in_channels, bias=False),
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            conv2d(in_channels, in_channels, 3, stride, dilation, groups=in_channels),
+            conv2d(in_channels, out_channels, 1),
             nn.BatchNorm2d(out_channels), nn.SiLU(inplace=True))
 
 
@@ -280,7 +313,7 @@ class InvertedBottleneck(nn.Sequential):
         super().__init__(
             ConvBNAct(channels, wide, kernel_size=1),
             ConvBNAct(wide, wide, dilation=dilation, groups=wide),
-            nn.Conv2d(wide, channels, 1, bias=False), nn.BatchNorm2d(channels))
+            conv2d(wide, channels, 1), nn.BatchNorm2d(channels))
 
 
 class Residual(nn.Module):

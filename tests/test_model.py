@@ -87,6 +87,55 @@ def test_receptive_field_is_at_least_49_and_confirmed_by_backprop():
     assert empirical_receptive_field(model) == (calculated, calculated)
 
 
+@pytest.mark.parametrize("in_channels, out_channels, groups, dilation, size", [
+    (24, 24, 24, 2, 16),  # depthwise, as in C3 and C5
+    (6, 10, 1, 2, 8),     # a full conv
+    (8, 8, 4, 4, 12),     # grouped, dilation 4
+])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_dilated_conv_gives_the_outputs_and_gradients_of_a_dilated_conv(in_channels, out_channels, groups,
+                                                                         dilation, size, memory_format):
+    conv = mt.DilatedConv2d(in_channels, out_channels, 3, dilation, groups)
+    x = torch.randn(3, in_channels, size, size).contiguous(memory_format=memory_format).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    out = conv(x)
+    expected = torch.nn.functional.conv2d(reference, conv.weight, None, 1, dilation, dilation, groups)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (x, conv.weight), upstream)
+    expected_grads = torch.autograd.grad(expected, (reference, conv.weight), upstream)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def record_conv2d_dilations(monkeypatch):
+    """Every dilation F.conv2d is called with from now on (nn.Conv2d calls it too)."""
+    dilations, conv2d = [], torch.nn.functional.conv2d
+
+    def recording(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        dilations.append(dilation if isinstance(dilation, int) else dilation[0])
+        return conv2d(input, weight, bias, stride, padding, dilation, groups)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    return dilations
+
+
+def test_the_nets_dilated_convs_run_undilated_on_a_cpu(monkeypatch):
+    model = mt.Net()
+    dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
+    assert dilated and all(isinstance(m, mt.DilatedConv2d) for m in dilated)
+    dilations = record_conv2d_dilations(monkeypatch)
+    model(torch.randn(2, 3, 32, 32))
+    assert dilations.count(1) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert set(dilations) == {1}
+
+
+def test_dilated_conv_takes_the_plain_path_when_the_size_does_not_divide(monkeypatch):
+    conv = mt.DilatedConv2d(4, 4, 3, 2, 4)
+    dilations = record_conv2d_dilations(monkeypatch)
+    assert conv(torch.randn(1, 4, 7, 7)).shape == (1, 4, 7, 7)
+    assert dilations == [2]
+
+
 def test_describe_model_refuses_a_model_over_the_limit(capsys):
     big = mt.Net()
     width = big.head[-1].in_features
