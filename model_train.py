@@ -260,12 +260,13 @@ class DilatedConv2d(nn.Conv2d):
         n, c, h, w = x.shape
         if x.device.type != "cpu" or h % d or w % d:
             return super().forward(x)
+        hs, ws = h // d, w // d  # the size of each sub-grid
         # Pixel (d*i + r, d*j + s) goes to sub-grid (r, s), position (i, j); dilation d becomes dilation 1 there.
         # The shuffles work on the channels-last order (n, h, w, c), so each is a single copy.
-        sub = x.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(0, 2, 4, 1, 3, 5)
-        sub = sub.reshape(n * d * d, h // d, w // d, c).permute(0, 3, 1, 2)
-        y = F.conv2d(sub, self.weight, None, 1, self.kernel_size[0] // 2, 1, self.groups)
-        y = y.permute(0, 2, 3, 1).reshape(n, d, d, h // d, w // d, -1).permute(0, 3, 1, 4, 2, 5)
+        sub = x.permute(0, 2, 3, 1).reshape(n, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5)
+        sub = sub.reshape(n * d * d, hs, ws, c).permute(0, 3, 1, 2)
+        y = F.conv2d(sub, self.weight, None, 1, self.padding[0] // d, 1, self.groups)
+        y = y.permute(0, 2, 3, 1).reshape(n, d, d, hs, ws, -1).permute(0, 3, 1, 4, 2, 5)
         return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
 
