@@ -1,9 +1,11 @@
 """The model's promises: size, cost, receptive field and structure, all computed from the model object."""
+import collections
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_train as mt
 
@@ -135,6 +137,29 @@ def test_dilated_conv_takes_the_plain_path_when_the_size_does_not_divide(monkeyp
     assert conv(torch.randn(1, 4, 7, 7)).shape == (1, 4, 7, 7)
     assert dilations == [2]
 
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten operator that runs inside the with-block (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("unit", [mt.ConvBNAct(8, 16), mt.DepthwiseSeparable(8, 16), mt.InvertedBottleneck(8)],
+                         ids=["ConvBNAct", "DepthwiseSeparable", "InvertedBottleneck"])
+def test_a_training_step_copies_no_activation(unit):
+    # An in-place SiLU overwrites the input that its backward needs, so autograd would first copy it: in
+    # every unit, every step, the memory traffic of a whole extra layer for nothing.
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    with CountOps() as ops:
+        unit.train()(x).sum().backward()
+    assert ops.counts["convolution"] > 0 and ops.counts["clone"] == 0
 
 def test_describe_model_refuses_a_model_over_the_limit(capsys):
     big = mt.Net()
