@@ -138,7 +138,6 @@ def test_dilated_conv_takes_the_plain_path_when_the_size_does_not_divide(monkeyp
     assert dilations == [2]
 
 
-
 class CountOps(TorchDispatchMode):
     """Counts every aten operator that runs inside the with-block (forward and backward)."""
 
