@@ -287,9 +287,9 @@ class ConvBNAct(nn.Sequential):
     little of each negative input and bends smoothly, so a narrow net keeps more of what its few channels carry.
     +0.7 points at 20 epochs over ReLU here (three seeds), for 11 % of the CPU step time (README, Results).
 
-    Not in place: SiLU's backward needs its input, so an in-place SiLU makes autograd copy every input first,
-    memory traffic spent on a copy that nobody reads. Out of place: the same weights to the bit, 1.05x as fast on
-    an AVX2 CPU (README, Speed)."""
+    Not in place: SiLU's backward needs its input, so an in-place SiLU, which overwrites it, makes autograd save a
+    copy of it first; out of place the input itself is kept. The same weights to the bit, 1.05x as fast on an AVX2
+    CPU (README, Speed)."""
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
         super().__init__(
