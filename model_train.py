@@ -559,18 +559,25 @@ class WeightAverage:
     def __init__(self, model, decay):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
+        self.source = None  # the model whose tensors self.averages and self.latest hold (see update)
 
     @torch.no_grad()
     def update(self, model):
+        if model is not self.source:
+            # Pair the tensors once, not every step: state_dict() builds a fresh dict of ~130 tensors per call,
+            # ~1 ms of Python a step that a GPU would wait for. The pairs stay valid because training changes
+            # the tensors in place.
+            pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+            self.averages = [average for average, _ in pairs if average.is_floating_point()]
+            self.latest = [now for average, now in pairs if average.is_floating_point()]
+            self.counters = [pair for pair in pairs if not pair[0].is_floating_point()]  # BatchNorm's step counts
+            self.source = model
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        floats = [(average, now) for average, now in pairs if average.is_floating_point()]
         # One fused kernel for all tensors (what torch.optim's own foreach paths use), not ~120 small ones.
-        torch._foreach_lerp_([average for average, _ in floats], [now for _, now in floats], 1 - decay)
-        for average, now in pairs:
-            if not average.is_floating_point():  # BatchNorm's step counters
-                average.copy_(now)
+        torch._foreach_lerp_(self.averages, self.latest, 1 - decay)
+        for average, now in self.counters:
+            average.copy_(now)
 
     def state_dict(self):
         return dict(weights=self.model.state_dict(), steps=self.steps)

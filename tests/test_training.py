@@ -1,4 +1,5 @@
 """End-to-end runs on the synthetic data: outputs, OneCycle stepping, reproducibility and resume."""
+import copy
 import csv
 import os
 import signal
@@ -216,6 +217,25 @@ def test_weight_average_warms_up_then_follows_the_model_slowly():
         average.update(model)
     assert torch.allclose(average.model[0].weight, torch.ones(2, 2), atol=1e-5)
     assert model[0].weight.requires_grad  # the live model is untouched
+
+
+def test_weight_average_follows_the_model_it_is_given():
+    """update() pairs the tensors once per model: weights changed in place are followed, and a model passed
+    for the first time is read, not the tensors of the one before."""
+    first = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    second = copy.deepcopy(first)
+    average = mt.WeightAverage(first, decay=0.0)  # decay 0: the average is the latest weights
+    average.update(first)
+    with torch.no_grad():
+        first[0].weight.fill_(2.0)
+    average.update(first)
+    assert torch.equal(average.model[0].weight, torch.full((2, 2), 2.0))
+    with torch.no_grad():
+        second[0].weight.fill_(3.0)
+    second[1].num_batches_tracked.fill_(5)
+    average.update(second)
+    assert torch.equal(average.model[0].weight, torch.full((2, 2), 3.0))
+    assert average.model[1].num_batches_tracked.item() == 5
 
 
 @pytest.mark.parametrize("decay", ["0.999", "0"])
