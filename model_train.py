@@ -565,7 +565,7 @@ class WeightAverage:
     def update(self, model):
         if model is not self.source:
             # Pair the tensors once, not every step: state_dict() builds a fresh dict of ~130 tensors per call,
-            # ~1 ms of Python a step that a GPU would wait for. The pairs stay valid because training changes
+            # 1-2 ms of Python a step that a GPU would wait for. The pairs stay valid because training changes
             # the tensors in place.
             pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
             self.averages = [average for average, _ in pairs if average.is_floating_point()]
