@@ -568,8 +568,8 @@ class WeightAverage:
             # 1-2 ms of Python a step that a GPU would wait for. The pairs stay valid because training changes
             # the tensors in place.
             pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-            self.averages = [average for average, _ in pairs if average.is_floating_point()]
-            self.latest = [now for average, now in pairs if average.is_floating_point()]
+            floats = [pair for pair in pairs if pair[0].is_floating_point()]
+            self.averages, self.latest = [average for average, _ in floats], [now for _, now in floats]
             self.counters = [pair for pair in pairs if not pair[0].is_floating_point()]  # BatchNorm's step counts
             self.source = model
         self.steps += 1
