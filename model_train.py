@@ -5,8 +5,10 @@
     python model_train.py --resume last_checkpoint.pth
     python model_train.py --eval best_model.pth
     python model_train.py --benchmark              # MACs, parameters and images/s; needs no data
+    python model_train.py --predict cat.jpg        # the three most likely classes of an image, from best_model.pth
 
-The file reads top to bottom: settings, data, model, training and evaluation, reports, main().
+The file reads top to bottom: settings, data, model, training and evaluation, reports, using a trained model,
+benchmark, main().
 Importing it only defines things, so tests and DataLoader workers can import it freely.
 """
 import argparse
@@ -16,11 +18,13 @@ import csv
 import functools
 import io
 import itertools
+import json
 import math
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -41,23 +45,24 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # ============================================================================================== settings
 # Edit these, or override any of them from the command line: EPOCHS is --epochs, MAX_LR is --max-lr, ...
 # Every UPPER_CASE name in this block becomes a flag, with its comment as the help text.
-EPOCHS = 75             # length of the one-cycle schedule; 10 is the CPU quick run (85 %), 20 the short schedule
-BATCH_SIZE = 128        # images per optimizer step; on a GPU, 512 with MAX_LR 8e-3 trains ~3.7x faster (README)
+EPOCHS = 75             # length of the one-cycle schedule; 10 makes a quick run on a CPU
+BATCH_SIZE = 128        # images per optimizer step; on a GPU, 512 with a max lr of 8e-3 keeps it busy: ~3.7x faster
 LR = 1e-3               # learning rate at the first step; OneCycle warms up from here to MAX_LR
-MAX_LR = 4e-3           # peak learning rate after PCT_START of the steps, then cosine-annealed (1e-2 stalled Adam)
+MAX_LR = 4e-3           # peak learning rate, reached after PCT_START of the steps, then cosine-annealed to ~0
 WEIGHT_DECAY = 5e-2     # decoupled weight decay (AdamW): each step shrinks every weight by lr x this
 PCT_START = 0.2         # fraction of all steps spent warming up: a short warm-up keeps early Adam steps stable
 DROPOUT = 0.1           # dropout on the pooled features before the linear head
 LABEL_SMOOTHING = 0.1   # target 0.9 for the true class: keeps logits from growing without bound
 EMA_DECAY = 0.999       # evaluate and save a moving average of the weights (per-step decay); 0 turns it off
 AFFINE_P = 0.5          # share of training images shifted/scaled/rotated (up to 10 %, 10 %, 10 degrees)
-CUTOUT_P = 0.0          # share of training images with a 16 x 16 hole of the mean colour (off: costs accuracy here)
+CUTOUT_P = 0.0          # share of training images with a 16 x 16 hole of the mean colour (off: it cost accuracy)
 TTA = True              # also report accuracy with flip test-time augmentation (mean of image and mirror)
 TARGET_ACC = 85.0       # announce the first epoch whose test accuracy (%) reaches this
 MISCLASSIFIED = 20      # how many misclassified test images misclassified.png shows
@@ -65,7 +70,7 @@ SEED = 42               # same seed, same data order, augmentations, weights and
 DATA_DIR = "./data"     # holds cifar-10-batches-py/ (downloaded there if missing)
 OUT_DIR = "."           # where best_model.pth, last_checkpoint.pth, metrics.csv and the plots go
 OVERWRITE = False       # let a new run replace the best_model.pth and last_checkpoint.pth of an earlier run in OUT_DIR
-WORKERS = "auto"        # DataLoader worker processes: a number, or auto (see resolve_workers)
+WORKERS = "auto"        # DataLoader worker processes: a number, or auto (all cores but one with a GPU, 1 on a CPU)
 DEVICE = "auto"         # auto (CUDA, else Apple MPS, else CPU), cuda, mps or cpu
 COMPILE = False         # torch.compile the model: faster steps on a GPU after a minute of compiling
 SETTINGS = [name for name, value in dict(globals()).items()  # the names above, in order
@@ -127,25 +132,38 @@ def read_batch_file(path):
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
+def find_batch_folder(data_dir):
+    """DATA_DIR/cifar-10-batches-py, or DATA_DIR itself when it is that folder: --data-dir data/cifar-10-batches-py
+    is a common slip, and taking it literally would download a second copy inside the first."""
+    data_dir = Path(data_dir)
+    if data_dir.name == BATCH_FOLDER or (data_dir / TRAIN_FILES[0]).is_file():
+        return data_dir
+    return data_dir / BATCH_FOLDER
+
+
 def download_cifar10(data_dir):
-    """Fetch and unpack cifar-10-batches-py into data_dir with torchvision (imported only when needed)."""
+    """Fetch and unpack cifar-10-batches-py into data_dir with torchvision (imported only when needed). A folder
+    this made is removed again if the download fails, so a mistyped --data-dir leaves nothing behind."""
     from torchvision.datasets import CIFAR10
+    made = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]
     print(f"downloading CIFAR-10 (163 MB) into {data_dir} ...")
     try:
         CIFAR10(root=str(data_dir), train=True, download=True)
     except Exception as e:  # no network, a proxy, a full disk, a failed checksum ...
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
         raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); without network, "
-                        f"copy an unpacked cifar-10-batches-py folder into {data_dir} (see README: offline data)") \
+                        f"copy an unpacked cifar-10-batches-py folder into {data_dir} (README: Troubleshooting)") \
             from None
 
 
 def load_cifar10(data_dir):
-    """Return (train_images, train_labels, test_images, test_labels) from DATA_DIR/cifar-10-batches-py.
+    """Return (train_images, train_labels, test_images, test_labels) from find_batch_folder(data_dir).
 
     The batch files are read directly, without torchvision's md5 check, so a copy made elsewhere works."""
-    folder = Path(data_dir) / BATCH_FOLDER
+    folder = find_batch_folder(data_dir)
     if not folder.is_dir():
-        download_cifar10(Path(data_dir))
+        download_cifar10(folder.parent)
     parts = {}
     for split, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
         batches = [read_batch_file(folder / name) for name in files]
@@ -249,8 +267,7 @@ class DilatedConv2d(nn.Conv2d):
 
     oneDNN, PyTorch's CPU conv library, has no fast kernel for the backward pass of a dilated depthwise conv: it
     took 14-35x as long as the undilated one, a fifth of each training step, and regrouping the pixels costs far
-    less. The whole step runs 1.1-1.6x faster on an AVX2 CPU, up to 1.16x on an AVX-512 one (README, Speed). GPUs
-    take the plain path."""
+    less: the whole training step ran up to 1.6x faster. GPUs take the plain path."""
 
     def __init__(self, in_channels, out_channels, kernel_size, dilation, groups=1):
         super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
@@ -285,11 +302,10 @@ class ConvBNAct(nn.Sequential):
 
     SiLU (x * sigmoid(x), "swish"), the activation of EfficientNet and MobileNetV3, instead of ReLU: it passes a
     little of each negative input and bends smoothly, so a narrow net keeps more of what its few channels carry.
-    +0.7 points at 20 epochs over ReLU here (three seeds), for 11 % of the CPU step time (README, Results).
+    +0.7 points at 20 epochs over ReLU (three seeds), for 11 % more CPU time per step.
 
     Not in place: SiLU's backward needs its input, so an in-place SiLU, which overwrites it, makes autograd save a
-    copy of it first; out of place the input itself is kept. The same weights to the bit, 1.05x as fast on an AVX2
-    CPU (README, Speed)."""
+    copy of it first; out of place the input itself is kept: the same weights to the bit, 5 % faster."""
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
         super().__init__(
@@ -351,7 +367,7 @@ class Net(nn.Module):
             C1=nn.Sequential(ConvBNAct(3, 16), Residual(ConvBNAct(16, 16))),
             # C2, 16 x 16: a stride-2 conv replaces MaxPool, then two inverted bottlenecks: 48 channels between
             # units, 96 inside, where the depthwise 3 x 3 conv looks around. They learned the most per epoch
-            # of every 16 x 16 stage we measured (README, Results).
+            # of every 16 x 16 stage we measured.
             C2=nn.Sequential(ConvBNAct(16, 48, stride=2), Residual(InvertedBottleneck(48)),
                              Residual(InvertedBottleneck(48))),
             # C3, 16 x 16: two more, the first dilated (dilation 2 spans 5 x 5 with 3 x 3 weights).
@@ -479,17 +495,48 @@ def native_bf16(device):
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def autocast_dtype(device):
+    """The reduced precision the device's tensor cores compute convs in, about twice as fast as float32: bfloat16
+    where native_bf16, float16 on older NVIDIA GPUs (with loss scaling, see make_grad_scaler). None (float32) on a
+    CPU or Apple MPS, where reduced precision gained little here."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
 def autocast(device):
-    """bfloat16 where native_bf16: about twice a GPU's conv throughput, and no loss scaling needed, unlike float16.
-    Full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def make_grad_scaler(device):
+    """float16 keeps 5 exponent bits, so small gradients round to zero: the scaler multiplies the loss before the
+    backward pass, divides the gradients before the step, and skips a step whose gradients overflowed. bfloat16
+    has float32's range and needs none; elsewhere the scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
 
 def precision(device):
-    return "bfloat16 autocast" if native_bf16(device) else "float32"
+    return {torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast with loss scaling",
+            None: "float32"}[autocast_dtype(device)]
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, average=None, desc="train"):
+def progress(batches, desc, plain_lines=True):
+    """tqdm's bar on a terminal. Elsewhere (nohup, | tee, a notebook's !python, SLURM) a bar's redraws pile up
+    in the log, so with plain_lines a line every tenth of the pass instead, and otherwise nothing."""
+    if sys.stderr.isatty():
+        yield from tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
+        return
+    total, start, shown = len(batches), time.perf_counter(), 0
+    for done, batch in enumerate(batches, 1):
+        yield batch
+        tenths = 10 * done // total
+        if plain_lines and tenths > shown and done < total:
+            shown = tenths
+            print(f"{desc}: {done}/{total} batches ({10 * tenths} %), {time.perf_counter() - start:.0f} s")
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, scaler, average=None, desc="train"):
     """One pass over the training set; OneCycleLR (and the weight average, if any) steps after every batch.
     Returns (mean loss, accuracy %).
 
@@ -498,14 +545,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, aver
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    for images, labels in progress(loader, desc):
         images, labels = to_device(images, labels, device)
         with autocast(device):
             logits = model(images)
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         if average:
             average.update(model)
@@ -520,7 +568,7 @@ def predict(model, loader, device, tta=False, desc="test"):
     With tta, the logits are the mean over each image and its mirror image."""
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    for images, labels in progress(loader, desc, plain_lines=False):
         images, _ = to_device(images, labels, device)
         with autocast(device):
             logits = model(images)
@@ -543,8 +591,8 @@ def evaluate(model, loader, device, tta=False):
 def make_optimizer(model, cfg, device):
     """Adam with decoupled weight decay (AdamW). Adam's own weight_decay adds an L2 term to the gradient, which
     Adam then rescales like any gradient, so it hardly holds back the weights whose gradients are large; AdamW
-    shrinks every weight by lr x weight_decay apart from the gradient: +0.6 points in 75 epochs and in 20 on the
-    CPU (README, Results). fused on CUDA: one kernel updates all parameters, instead of several small kernels."""
+    shrinks every weight by lr x weight_decay apart from the gradient: +0.6 points, at 20 epochs and at 75.
+    fused on CUDA: one kernel updates all parameters, instead of several small kernels."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
@@ -597,6 +645,8 @@ def select_device(choice):
         choice = next(name for name, ok in available.items() if ok)
     if not available[choice]:
         raise UserError(f"--device {choice} is not available on this machine; use --device auto or cpu")
+    if choice == "cuda":  # every batch has the same shape, so cuDNN may time its conv algorithms once and keep the best
+        torch.backends.cudnn.benchmark = True
     return torch.device(choice)
 
 
@@ -649,22 +699,39 @@ def load_checkpoint_file(path, what):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; give the path of a .pth file this script wrote")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    use = "give a best_model.pth or last_checkpoint.pth written by this script"
+    if not is_zip:
+        raise UserError(f"{what} {path} is not a checkpoint written by this script; {use}")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickles before failing; the error below says it all
+        with warnings.catch_warnings():  # torch warns about odd pickles before failing; the errors below say it all
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, not a torch file, or holding objects other than plain data
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} cannot be loaded safely ({first_line[:120]}); "
-                        f"use a best_model.pth or last_checkpoint.pth written by this script") from None
+    except pickle.UnpicklingError:  # a torch file holding objects other than tensors and plain data
+        raise UserError(f"{what} {path} holds objects other than tensors and plain data, which could run code "
+                        f"when loaded, so it is refused; {use}") from None
+    except Exception:  # a truncated or damaged file, or another program's zip archive
+        raise UserError(f"{what} {path} is damaged (truncated or corrupt) or not a checkpoint; {use}") from None
+
+
+def weights_in(state, path):
+    """The model weights in what load_checkpoint_file() read: a best_model.pth is them; a last_checkpoint.pth holds
+    them beside the optimizer's state, and its averaged weights are the ones the run evaluated."""
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state["average"]["weights"] if state.get("average") else state["model"]
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    raise UserError(f"{path} is not a checkpoint written by this script; give a best_model.pth or "
+                    f"last_checkpoint.pth written by this script")
 
 
 def load_weights(model, state_dict, path):
     try:
         model.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} holds weights for a different model than this script's Net "
-                        f"({str(e).splitlines()[0][:120]}); use a checkpoint written by this version") from None
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{path} holds weights for a different model than this script's Net; "
+                        f"use a best_model.pth or last_checkpoint.pth written by this script") from None
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -674,15 +741,18 @@ ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "overwrite", "workers", "device",
 
 def resume_settings(cfg, checkpoint, explicit):
     """The checkpoint's settings, except where they describe this machine; a flag that would change the
-    result is ignored, with a note, because a resumed run must end as the uninterrupted one would have."""
+    result is ignored, with a note, because a resumed run must end as the uninterrupted one would have.
+    Unless given again, the data and output folders are the run's own."""
     saved = {"ema_decay": 0.0, **checkpoint["config"]}  # a run begun before EMA_DECAY existed goes on without it
     saved = {k: v for k, v in saved.items() if k.upper() in SETTINGS}  # its settings, not its --resume/--eval
     for key in sorted(explicit - ENVIRONMENT_SETTINGS):
         if key in saved and getattr(cfg, key) != saved[key]:
             print(f"note: --{key.replace('_', '-')} {getattr(cfg, key)} ignored; the resumed run keeps {saved[key]}")
     merged = {**saved, **{k: v for k, v in vars(cfg).items() if k in ENVIRONMENT_SETTINGS}}
-    if "out_dir" not in explicit:  # continue in the run's own folder
+    if "out_dir" not in explicit:
         merged["out_dir"] = str(Path(cfg.resume).parent)
+    if "data_dir" not in explicit:
+        merged["data_dir"] = saved.get("data_dir", cfg.data_dir)
     return argparse.Namespace(**{**vars(cfg), **merged})
 
 
@@ -710,25 +780,76 @@ def read_resume_checkpoint(path):
     return checkpoint
 
 
-def save_checkpoint(path, model, average, optimizer, scheduler, history, best_acc, cfg):
-    """Everything a resumed run needs to continue exactly, including the random number generators' state."""
+def save_checkpoint(path, parts, history, best, cfg):
+    """Everything a resumed run needs to continue exactly: the state of each of `parts` (model, weight average,
+    optimizer, scheduler, loss scaler), the best weights so far, the settings and the random number generators."""
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
-    save_torch(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    average=average.state_dict() if average else None, scheduler=scheduler.state_dict(),
-                    epoch=len(history), best_acc=best_acc, config=vars(cfg), history=history, rng=rng), path)
+    states = {name: part.state_dict() if part else None for name, part in parts.items()}
+    config = {**vars(cfg), "data_dir": str(Path(cfg.data_dir).resolve())}  # a resume from elsewhere finds the data
+    save_torch(dict(format=CHECKPOINT_FORMAT, **states, epoch=len(history), best_acc=best["acc"],
+                    best_model=best["weights"], config=config, history=history, rng=rng), path)
 
 
-def restore_checkpoint(checkpoint, model, average, optimizer, scheduler, path):
-    """Load what save_checkpoint() saved; returns (history, best accuracy)."""
-    load_weights(model, checkpoint["model"], path)
-    if average:
-        average.load_state_dict(checkpoint["average"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+def restore_checkpoint(checkpoint, parts, path):
+    """Load what save_checkpoint() saved into `parts`; returns (history, best) as train() keeps them."""
+    load_weights(parts["model"], checkpoint["model"], path)
+    for name in ("average", "optimizer", "scheduler", "scaler"):
+        if parts[name] and checkpoint.get(name):  # a checkpoint from before the average or the scaler has none
+            parts[name].load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["history"], checkpoint["best_acc"]
+    return checkpoint["history"], dict(acc=checkpoint["best_acc"], weights=checkpoint.get("best_model"))
+
+
+def keep_best_weights(best, resumed_from, out):
+    """A run resumed into another folder gets the best weights so far there too: a later epoch may never beat
+    them. A checkpoint from before best_model was in it has best_model.pth beside it, which is taken instead."""
+    earlier = Path(resumed_from).parent / "best_model.pth"
+    if best["weights"] is None and earlier.is_file():
+        best["weights"] = load_checkpoint_file(earlier, "best weights")
+    if best["weights"] is not None:
+        save_torch(best["weights"], out / "best_model.pth")
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    """OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the curve is
+    smooth; the high middle explores, the long tail settles into a minimum. Adam moves each weight by about the
+    learning rate per step whatever the gradient's size, and these conv weights are ~0.05: a peak of 1e-2 kept
+    rewriting them, and test accuracy stalled near 70 % for half of a 20-epoch run."""
+    steps = cfg.epochs * steps_per_epoch
+    if cfg.pct_start * steps == 1:  # a one-step warm-up ends where it starts: OneCycleLR divides by zero
+        raise UserError(f"--epochs {cfg.epochs} at --batch-size {cfg.batch_size} makes only {steps} optimizer steps, "
+                        f"and --pct-start {cfg.pct_start} of them is a warm-up of one step; "
+                        f"use a smaller --batch-size or more --epochs")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=cfg.pct_start, anneal_strategy="cos", div_factor=cfg.max_lr / cfg.lr)
+
+
+def planned_learning_rates(cfg, steps_per_epoch):
+    """The learning rate of every step of a run's schedule, from the scheduler itself on a stand-in parameter."""
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    rates = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()  # no gradient, so nothing changes; the scheduler expects a step before its own
+        scheduler.step()
+    return rates
+
+
+def write_results(out, cfg, history, best, **final):
+    """results.json: the run's settings and where it stands (best and last epoch), rewritten after every epoch so
+    that a folder says what produced it; `final` adds what is measured at the end (flip TTA, minutes)."""
+    best_row = max(history, key=lambda row: row["test_acc"]) if history else None
+    results = dict(
+        settings={name.lower(): getattr(cfg, name.lower()) for name in SETTINGS},
+        epochs_done=len(history), finished=len(history) == cfg.epochs,
+        best_epoch=best_row and best_row["epoch"], best_test_acc=best["acc"],
+        last_test_acc=history[-1]["test_acc"] if history else None, **final)
+    text = json.dumps(results, indent=2) + "\n"
+    save_atomically(out / "results.json", lambda f: f.write(text.encode()))
 
 
 def column_width(key):
@@ -743,7 +864,7 @@ def train(cfg, explicit=frozenset()):
     check_for_earlier_run(out, cfg)
     device = select_device(cfg.device)
     data = load_cifar10(cfg.data_dir)
-    print(f"CIFAR-10 from {Path(cfg.data_dir) / BATCH_FOLDER}: {len(data[1]):,} training and "
+    print(f"CIFAR-10 from {find_batch_folder(cfg.data_dir)}: {len(data[1]):,} training and "
           f"{len(data[3]):,} test images; device {device} ({precision(device)})")
 
     torch.manual_seed(cfg.seed)
@@ -754,81 +875,95 @@ def train(cfg, explicit=frozenset()):
     train_loader, test_loader = make_loaders(data, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
     average = make_weight_average(model, cfg)
-    kept_model = average.model if average else model  # the weights evaluated each epoch and kept ...
-    test_model = average.model if average else step_model  # ... and how to run them (compiled, if so)
-    # OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the
-    # curve is smooth; the high middle explores, the long tail settles into a minimum. Adam moves each weight
-    # by about the learning rate per step whatever the gradient's size, and these conv weights are ~0.05: a
-    # peak of 1e-2 kept rewriting them, and test accuracy stalled near 70 % for half of a 20-epoch run.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=len(train_loader),
-        pct_start=cfg.pct_start, anneal_strategy="cos", div_factor=cfg.max_lr / cfg.lr)
+    parts = dict(model=model, average=average, optimizer=optimizer,
+                 scheduler=make_scheduler(optimizer, cfg, len(train_loader)), scaler=make_grad_scaler(device))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    history, best_acc = [], 0.0
+    history, best = [], dict(acc=0.0, weights=None)
     if checkpoint:
-        history, best_acc = restore_checkpoint(checkpoint, model, average, optimizer, scheduler, cfg.resume)
+        history, best = restore_checkpoint(checkpoint, parts, cfg.resume)
+        keep_best_weights(best, cfg.resume, out)
+        save_checkpoint(out / "last_checkpoint.pth", parts, history, best, cfg)  # the same state, now in `out` too
         write_metrics_csv(history, out / "metrics.csv")
-        print(f"resumed from {cfg.resume} after epoch {len(history)} (best test accuracy {best_acc:.2f} %)")
+        print(f"resumed from {cfg.resume} after epoch {len(history)} (best test accuracy {best['acc']:.2f} %)")
+    try:
+        run_epochs(step_model, parts, train_loader, test_loader, criterion, device, cfg, out, history, best)
+    except KeyboardInterrupt:
+        if not history:
+            raise KeyboardInterrupt("before the first epoch finished; nothing was saved") from None
+        raise KeyboardInterrupt(f"every finished epoch ({len(history)} of {cfg.epochs}) is saved; continue with "
+                                f"--resume {out / 'last_checkpoint.pth'}") from None
+    finish(model, parts, test_loader, device, cfg, out, history, best)
 
+
+def run_epochs(step_model, parts, train_loader, test_loader, criterion, device, cfg, out, history, best):
+    """Train the epochs not yet in `history`; after each, save what improved and the checkpoint."""
+    model, average, optimizer, scheduler, scaler = (parts[name] for name in parts)
+    kept_model = average.model if average else model  # the weights evaluated each epoch and kept ...
+    test_model = average.model if average else step_model  # ... and how to run them (compiled, if so)
     target_reached = any(row["test_acc"] >= cfg.target_acc for row in history)
     print(" ".join(f"{key:>{column_width(key)}}" for key in METRICS))
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
         train_loader.sampler.set_epoch(epoch)
         train_loss, train_acc = train_one_epoch(step_model, train_loader, optimizer, scheduler, criterion, device,
-                                                average, desc=f"epoch {epoch}/{cfg.epochs}")
+                                                scaler, average, desc=f"epoch {epoch}/{cfg.epochs}")
         test_loss, test_acc = evaluate(test_model, test_loader, device)
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, seconds=time.perf_counter() - start)
-        history.append(row)
         tqdm.write(" ".join(f"{row[key]:>{column_width(key)}{spec}}" for key, spec in METRICS.items()))
         # Best weights first, then the checkpoint that records them: a kill in between costs only a rerun
         # of this epoch, which gives the same result.
-        if test_acc > best_acc:
-            best_acc = test_acc
-            save_torch(kept_model.state_dict(), out / "best_model.pth")
-        save_checkpoint(out / "last_checkpoint.pth", model, average, optimizer, scheduler, history, best_acc, cfg)
+        if test_acc > best["acc"]:
+            best.update(acc=test_acc, weights={k: v.detach().clone() for k, v in kept_model.state_dict().items()})
+            save_torch(best["weights"], out / "best_model.pth")
+        history.append(row)
+        save_checkpoint(out / "last_checkpoint.pth", parts, history, best, cfg)
         write_metrics_csv(history, out / "metrics.csv")
+        write_results(out, cfg, history, best)
         if test_acc >= cfg.target_acc and not target_reached:
             target_reached = True
             tqdm.write(f"target reached: {test_acc:.2f} % >= {cfg.target_acc} % at epoch {epoch}")
-
-    total_minutes = sum(row["seconds"] for row in history) / 60
-    print(f"best test accuracy {best_acc:.2f} % ({out / 'best_model.pth'}); {total_minutes:.1f} min of training")
     if not target_reached:
         print(f"target {cfg.target_acc} % not reached")
-    if average and history:  # what the average bought: the last epoch's own weights, on the same test set
-        print(f"without weight averaging, the last epoch's weights score {evaluate(model, test_loader, device)[1]:.2f} %")
-    if (out / "best_model.pth").exists():
-        model.load_state_dict(torch.load(out / "best_model.pth", map_location=device, weights_only=True))
-        report(model, test_loader, device, cfg, out)
+
+
+def finish(model, parts, test_loader, device, cfg, out, history, best):
+    """The end of a run: the best weights' report and plots, and results.json with what they scored."""
+    minutes = sum(row["seconds"] for row in history) / 60
+    print(f"best test accuracy {best['acc']:.2f} % ({out / 'best_model.pth'}); {minutes:.1f} min of training")
+    final = dict(training_minutes=round(minutes, 2), device=f"{device.type} ({precision(device)})",
+                 torch=torch.__version__)
+    if parts["average"]:  # what the average bought: the last epoch's own weights, on the same test set
+        final["last_epoch_own_weights_acc"] = evaluate(model, test_loader, device)[1]
+        print(f"without weight averaging, the last epoch's weights score {final['last_epoch_own_weights_acc']:.2f} %")
+    if best["weights"] is not None:
+        model.load_state_dict(best["weights"])
+        final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out)
+    plot_curves(history, planned_learning_rates(cfg, parts["scheduler"].total_steps // cfg.epochs), cfg,
+                out / "curves.png")
+    write_results(out, cfg, history, best, **final)
+    print(f"wrote curves.png and results.json to {out}")
 
 
 def evaluate_checkpoint(cfg):
-    """--eval: load weights (best_model.pth or last_checkpoint.pth), report on the test set, write the plots."""
-    state = load_checkpoint_file(cfg.eval, "--eval checkpoint")
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:  # a last_checkpoint.pth
-        state = state["average"]["weights"] if state.get("average") else state["model"]
+    """--eval: load weights (best_model.pth or last_checkpoint.pth), report on the test set, write the reports."""
+    model = load_model(cfg.eval, select_device(cfg.device), what="--eval checkpoint")
     out = prepare_out_dir(cfg.out_dir)
-    device = select_device(cfg.device)
-    model = Net()
-    load_weights(model, state, cfg.eval)
-    model = model.to(device, memory_format=torch.channels_last)
+    device = next(model.parameters()).device
     data = load_cifar10(cfg.data_dir)
     _, test_loader = make_loaders(data, cfg, device)
     report(model, test_loader, device, cfg, out)
 
 
 def report(model, test_loader, device, cfg, out):
-    """Test loss and accuracy (and with flip TTA), then the plots and per-class table of the next section."""
+    """Test loss and accuracy (and with flip TTA, returned), then the per-class table and pictures of mistakes."""
     logits, labels = predict(model, test_loader, device)
     loss, acc = loss_and_accuracy(logits, labels)
-    line = f"test loss {loss:.4f}, accuracy {acc:.2f} %"
-    if cfg.tta:
-        line += f"; with flip TTA {evaluate(model, test_loader, device, tta=True)[1]:.2f} %"
-    print(line)
+    tta_acc = evaluate(model, test_loader, device, tta=True)[1] if cfg.tta else None
+    print(f"test loss {loss:.4f}, accuracy {acc:.2f} %" + (f"; with flip TTA {tta_acc:.2f} %" if cfg.tta else ""))
     write_reports(logits, labels, test_loader.dataset, out, cfg.misclassified)
+    return tta_acc
 
 
 # =============================================================================================== reports
@@ -863,20 +998,30 @@ def save_figure(fig, path):
     save_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_curves(history, path):
+def plot_curves(history, learning_rates, cfg, path):
+    """Loss and accuracy per epoch, and the learning rate of every step (`learning_rates`), titled with the
+    settings that shape a run. Returns the figure."""
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.9))
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         for split in ("train", "test"):
             ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
-        ax.set(title=title, xlabel="epoch")
+        ax.set(title=title)
         ax.legend()
+    steps_per_epoch = len(learning_rates) / cfg.epochs
+    lr_ax.plot([step / steps_per_epoch for step in range(len(learning_rates))], learning_rates, color="tab:green")
+    lr_ax.set(title="learning rate (every step)", xlim=(0, cfg.epochs))
+    for ax in fig.axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, never 0.5
         ax.grid(alpha=0.3)
-    lr_ax.plot(epochs, [row["lr"] for row in history], marker=".", color="tab:green")
-    lr_ax.set(title="learning rate (at each epoch's start)", xlabel="epoch")
-    lr_ax.grid(alpha=0.3)
+    best = max(history, key=lambda row: row["test_acc"])
+    fig.suptitle(f"{cfg.epochs} epochs, batch {cfg.batch_size}, max lr {cfg.max_lr:g}, weight decay "
+                 f"{cfg.weight_decay:g}, EMA {cfg.ema_decay:g}, seed {cfg.seed}: best test accuracy "
+                 f"{best['test_acc']:.2f} % at epoch {best['epoch']}")
     save_figure(fig, path)
+    return fig
 
 
 def plot_misclassified(images, captions, path, columns=5):
@@ -924,8 +1069,7 @@ def write_per_class(counts, path):
 
 
 def write_reports(logits, labels, test_set, out, num_misclassified):
-    """confusion_matrix.png, per_class.csv and misclassified.png from the test logits; curves.png from
-    metrics.csv when the output folder has one."""
+    """confusion_matrix.png, per_class.csv and misclassified.png from the test logits."""
     counts = confusion_matrix(logits.argmax(1), labels)
     write_per_class(counts, out / "per_class.csv")
     plot_confusion_matrix(counts, out / "confusion_matrix.png")
@@ -933,14 +1077,67 @@ def write_reports(logits, labels, test_set, out, num_misclassified):
     plot_misclassified([test_set.images[i] for i, *_ in wrong],  # the stored height x width x 3 pixels
                        [f"{true} → {predicted} ({confidence:.0%})" for _, true, predicted, confidence in wrong],
                        out / "misclassified.png")
-    written = ["per_class.csv", "confusion_matrix.png", "misclassified.png"]
-    if (out / "metrics.csv").exists():
-        with open(out / "metrics.csv", newline="") as f:
-            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        if history:
-            plot_curves(history, out / "curves.png")
-            written.append("curves.png")
-    print(f"wrote {', '.join(written)} to {out}")
+    print(f"wrote per_class.csv, confusion_matrix.png and misclassified.png to {out}")
+
+
+# ================================================================================= using a trained model
+def load_model(path="best_model.pth", device="cpu", what="weights file"):
+    """A trained Net from best_model.pth (or a last_checkpoint.pth), on `device`, in eval mode, ready to classify.
+
+    Eval mode matters: in training mode BatchNorm normalizes each batch by its own statistics, and a batch of one
+    image comes out as noise."""
+    model = Net()
+    load_weights(model, weights_in(load_checkpoint_file(path, what), path), path)
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def read_image(path):
+    """An image file (PNG, JPEG, BMP, WebP, ...) -> uint8 height x width x 3 RGB array; UserError if it is not one."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); give the path of an image file") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"{path} is not an image file that OpenCV can read (PNG, JPEG, BMP, WebP, TIFF)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # OpenCV decodes to blue, green, red
+
+
+def to_cifar_size(image):
+    """uint8 height x width x 3 -> 32 x 32 x 3. CIFAR-10's images were made by downscaling larger photos, and area
+    averaging downscales without the aliasing that nearest or bilinear sampling leaves."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 height x width x 3 RGB image, got {image.dtype} of shape {image.shape}")
+    if image.shape[:2] == (32, 32):
+        return image
+    shrinking = image.shape[0] > 32 or image.shape[1] > 32
+    return cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+@torch.no_grad()
+def classify(model, images, top=3, batch_size=256):
+    """uint8 height x width x 3 RGB images (any size; see to_cifar_size) -> for each image, its `top` most likely
+    classes as (name, probability) pairs, most likely first. `model` should be in eval mode (load_model's is)."""
+    device = next(model.parameters()).device
+    mean, std = pixel_statistics(device)
+    results = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.stack([to_cifar_size(image) for image in images[start:start + batch_size]]))
+        x = (pixels.permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() - mean) / std
+        with autocast(device):
+            probabilities = model(x).float().softmax(1).cpu()
+        values, indices = probabilities.topk(top, dim=1)
+        results += [[(CLASSES[i], p) for p, i in zip(v.tolist(), ix.tolist())] for v, ix in zip(values, indices)]
+    return results
+
+
+def predict_files(cfg):
+    """--predict: the three most likely classes of each image file, from --weights (OUT_DIR/best_model.pth)."""
+    images = [read_image(path) for path in cfg.predict]  # every file checked before any output
+    model = load_model(cfg.weights or Path(cfg.out_dir) / "best_model.pth", select_device(cfg.device), "--weights")
+    for path, top in zip(cfg.predict, classify(model, images)):
+        print(f"{path}: " + ", ".join(f"{name} {100 * probability:.1f} %" for name, probability in top))
 
 
 # ============================================================================================= benchmark
@@ -973,13 +1170,15 @@ def benchmark(cfg):
                                torch.randint(0, 10, (cfg.batch_size,)), device)
     optimizer = make_optimizer(model, cfg, device)
     average = make_weight_average(model, cfg)
+    scaler = make_grad_scaler(device)
 
     def train_step():
         with autocast(device):
             loss = F.cross_entropy(step_model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if average:
             average.update(model)
 
@@ -1077,6 +1276,11 @@ for _convert in (positive_int, non_negative_int, positive_float, non_negative_fl
     _convert.__name__ = "number"  # argparse says "invalid number value: 'abc'" for text that is not a number
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" after --resume, --eval, ... tells nothing
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -1100,7 +1304,7 @@ def setting_flag(name):
 def get_args_parser():
     parser = OneLineParser(prog="model_train.py", allow_abbrev=False,  # --epoch is a typo, not --epochs
                            description="Train a compact CNN on CIFAR-10 (see README.md).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsFormatter)
     helps = setting_help()
     for name in SETTINGS:
         default, flag = globals()[name], setting_flag(name)
@@ -1113,6 +1317,10 @@ def get_args_parser():
     action.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this last_checkpoint.pth")
     action.add_argument("--eval", metavar="CHECKPOINT", help="evaluate these weights on the test set and exit")
     action.add_argument("--benchmark", action="store_true", help="print MACs, parameters and images/s, and exit")
+    action.add_argument("--predict", nargs="+", metavar="IMAGE",
+                        help="print the three most likely classes of each image file (PNG, JPEG, ...; any size)")
+    parser.add_argument("--weights", metavar="CHECKPOINT",
+                        help="the weights --predict uses (default: best_model.pth in --out-dir)")
     return parser
 
 
@@ -1121,20 +1329,25 @@ def main(argv=None):
     cfg = parser.parse_args(argv)
     if cfg.lr > cfg.max_lr:
         parser.error(f"--lr {cfg.lr} is above --max-lr {cfg.max_lr}; OneCycle warms up from --lr to --max-lr")
+    if cfg.weights and not cfg.predict:
+        parser.error("--weights is for --predict; --eval and --resume take the checkpoint as their value")
+    if hasattr(sys.stdout, "reconfigure"):  # each line as it is printed, also into a pipe or a file (nohup, tee)
+        sys.stdout.reconfigure(line_buffering=True)
     changed = {key for key, value in vars(cfg).items() if value != parser.get_default(key)}
     try:
         if cfg.benchmark:
             benchmark(cfg)
         elif cfg.eval:
             evaluate_checkpoint(cfg)
+        elif cfg.predict:
+            predict_files(cfg)
         else:
             train(cfg, changed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every finished epoch is in last_checkpoint.pth; continue with "
-              "--resume OUT_DIR/last_checkpoint.pth", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; train() says what was saved
+        print("\ninterrupted" + (f" {e}" if e.args else ""), file=sys.stderr)
         sys.exit(130)
 
 

@@ -71,7 +71,7 @@ def test_empty_data_folder_without_network(tmp_path, out_dir, capsys, monkeypatc
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
     err = fails_with_one_line(train_args(tmp_path / "nothing", out_dir, "--overwrite"), capsys)
-    assert "could not download CIFAR-10" in err and "offline" in err
+    assert "could not download CIFAR-10" in err and "without network" in err
 
 
 def test_empty_batch_folder(tmp_path, out_dir, capsys):
@@ -96,6 +96,10 @@ class RunsCode:
 def write_checkpoint_variant(kind, path, trained_run):
     if kind == "corrupt":
         path.write_bytes(os.urandom(4096))
+    elif kind == "csv":
+        path.write_bytes((trained_run / "metrics.csv").read_bytes())
+    elif kind == "png":
+        path.write_bytes((trained_run / "confusion_matrix.png").read_bytes())
     elif kind == "truncated":
         path.write_bytes((trained_run / "last_checkpoint.pth").read_bytes()[:50_000])
     elif kind == "foreign":
@@ -110,8 +114,8 @@ def write_checkpoint_variant(kind, path, trained_run):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval"])
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "foreign", "malicious", "other model",
-                                  "old pickle"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "csv", "png", "truncated", "foreign", "malicious",
+                                  "other model", "old pickle"])
 def test_bad_checkpoints(flag, kind, data_dir, out_dir, trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "given.pth"
@@ -119,6 +123,23 @@ def test_bad_checkpoints(flag, kind, data_dir, out_dir, trained_run, tmp_path, c
     err = fails_with_one_line([flag, str(path), *train_args(data_dir, out_dir)], capsys)
     assert str(path) in err
     assert not (tmp_path / "pwned").exists(), "loading the checkpoint ran code"
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval"])
+@pytest.mark.parametrize("kind, says", [("corrupt", "is not a checkpoint written by this script"),
+                                        ("csv", "is not a checkpoint written by this script"),
+                                        ("png", "is not a checkpoint written by this script"),
+                                        ("old pickle", "is not a checkpoint written by this script"),
+                                        ("truncated", "is damaged (truncated or corrupt)"),
+                                        ("malicious", "could run code"),
+                                        ("other model", "holds weights for a different model")])
+def test_a_bad_checkpoint_is_named_for_what_it_is(flag, kind, says, data_dir, trained_run, tmp_path, capsys):
+    if flag == "--resume" and kind == "other model":
+        says = "is not a last_checkpoint.pth written by this script"
+    path = tmp_path / "given.pth"
+    write_checkpoint_variant(kind, path, trained_run)
+    err = fails_with_one_line([flag, str(path), *train_args(data_dir, tmp_path / "out")], capsys)
+    assert says in err and err.endswith(("written by this script", "resume from last_checkpoint.pth)")), err
 
 
 def test_resume_from_best_model_says_which_file_to_use(data_dir, out_dir, capsys):

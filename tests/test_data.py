@@ -2,6 +2,7 @@
 import copy
 import os
 import pickle
+from pathlib import Path
 from argparse import Namespace
 
 import albumentations as A
@@ -210,3 +211,31 @@ def test_batches_do_not_depend_on_the_number_of_workers(data_dir):
 
     for a, b in zip(first_batches(0), first_batches(2)):
         assert torch.equal(a, b)
+
+
+def test_data_dir_may_be_the_batch_folder_itself(data_dir, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("tried to download"))
+    folder = data_dir / "cifar-10-batches-py"
+    assert mt.find_batch_folder(folder) == folder and mt.find_batch_folder(data_dir) == folder
+    train_images, *_ = mt.load_cifar10(folder)
+    assert len(train_images) == 200 and not (folder / "cifar-10-batches-py").exists()
+
+
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def partial_download(root, **kwargs):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"half")
+        raise OSError("Connection reset")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", partial_download)
+    with pytest.raises(mt.UserError, match="could not download"):
+        mt.load_cifar10(tmp_path / "typo" / "data")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(mt.UserError):
+        mt.load_cifar10(tmp_path / "mine")
+    assert os.listdir(tmp_path) == ["mine"]

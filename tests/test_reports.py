@@ -100,9 +100,27 @@ def test_flip_tta_equals_plain_evaluation_on_mirror_symmetric_images():
     assert not torch.allclose(*(mt.predict(model, loader, torch.device("cpu"), tta=t)[0] for t in (False, True)))
 
 
-def test_curves_are_redrawn_from_metrics_csv_by_eval(data_dir, trained_run, tmp_path):
-    (tmp_path / "metrics.csv").write_bytes((trained_run / "metrics.csv").read_bytes())
+def test_eval_writes_the_report_files_of_the_weights(data_dir, trained_run, tmp_path):
     mt.main(["--eval", str(trained_run / "last_checkpoint.pth"), "--data-dir", str(data_dir),
              "--out-dir", str(tmp_path), "--workers", "0", "--device", "cpu", "--no-tta"])
-    for name in ("curves.png", "misclassified.png", "confusion_matrix.png", "per_class.csv"):
-        assert (tmp_path / name).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "misclassified.png", "per_class.csv"]
+
+
+def test_curves_show_whole_epochs_the_learning_rate_of_every_step_and_the_settings(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
+    cfg = mt.get_args_parser().parse_args(["--epochs", "2", "--batch-size", "32"])
+    rates = mt.planned_learning_rates(cfg, steps_per_epoch=7)
+    assert len(rates) == 14 and rates[0] == pytest.approx(mt.LR)
+    peak = rates.index(max(rates))
+    assert 0 < peak < 13 and max(rates) == pytest.approx(mt.MAX_LR, rel=0.05)  # a 2-epoch run rises, then falls
+    assert rates[-1] < rates[0] / 100
+    assert [rates[0], rates[7]] == pytest.approx([row["lr"] for row in checkpoint["history"]])  # what the run used
+    fig = mt.plot_curves(checkpoint["history"], rates, cfg, tmp_path / "curves.png")
+    png_size(tmp_path / "curves.png")
+    loss_ax, acc_ax, lr_ax = fig.axes
+    assert list(lr_ax.lines[0].get_ydata()) == rates
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    title = fig._suptitle.get_text()
+    assert "2 epochs" in title and "batch 32" in title and "seed 42" in title and "best test accuracy" in title

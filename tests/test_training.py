@@ -1,4 +1,5 @@
 """End-to-end runs on the synthetic data: outputs, OneCycle stepping, reproducibility and resume."""
+import argparse
 import copy
 import csv
 import os
@@ -186,18 +187,6 @@ def test_weight_decay_is_decoupled_from_the_gradient():
     assert torch.allclose(model.weight.detach(), torch.tensor([[4.0, -0.01]]) * (1 - 0.1 * 0.5))
 
 
-@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_gpus_before_ampere_train_in_float32(capability, native, monkeypatch):
-    """A T4 (Colab's free GPU, capability 7.5) would emulate bfloat16, slower than float32."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    mt.native_bf16.cache_clear()
-    try:
-        assert mt.native_bf16(torch.device("cuda")) is native
-        assert mt.precision(torch.device("cuda")) == ("bfloat16 autocast" if native else "float32")
-    finally:
-        mt.native_bf16.cache_clear()
-
-
 def test_mps_is_not_autocast():
     assert mt.native_bf16(torch.device("mps")) is False
 
@@ -274,3 +263,128 @@ def test_a_checkpoint_from_before_the_weight_average_resumes_without_one(data_di
     mt.main(["--resume", str(tmp_path / "last_checkpoint.pth"), "--data-dir", str(data_dir), "--workers", "0"])
     resumed = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["average"] is None and resumed["config"]["ema_decay"] == 0
+
+
+def test_resume_finds_the_data_folder_the_run_trained_on(data_dir, tmp_path, monkeypatch):
+    """No --data-dir on resume: the run's own data, not a download into ./data (and a flag given still wins)."""
+    import torchvision.datasets
+
+    stop_in_epoch_2(train_args(data_dir, tmp_path / "run"), monkeypatch)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("tried to download"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    mt.main(["--resume", str(tmp_path / "run" / "last_checkpoint.pth"), "--workers", "0"])
+    assert torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+    checkpoint = torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)
+    cfg = mt.get_args_parser().parse_args(["--resume", "x/last_checkpoint.pth", "--data-dir", "other"])
+    assert mt.resume_settings(cfg, checkpoint, {"resume", "data_dir"}).data_dir == "other"
+
+
+def test_resume_into_another_folder_brings_the_best_weights(data_dir, trained_run, tmp_path):
+    """Even when no later epoch beats them (here: the run had finished), the new folder gets best_model.pth."""
+    new = tmp_path / "new"
+    mt.main(["--resume", str(trained_run / "last_checkpoint.pth"), "--out-dir", str(new), "--workers", "0"])
+    assert (new / "best_model.pth").read_bytes() != b""
+    kept, earlier = (torch.load(path / "best_model.pth", weights_only=True) for path in (new, trained_run))
+    assert kept.keys() == earlier.keys() and all(torch.equal(kept[k], earlier[k]) for k in kept)
+    assert torch.load(new / "last_checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert (new / "results.json").is_file() and (new / "misclassified.png").is_file()
+
+
+def test_ctrl_c_names_the_real_checkpoint_once_an_epoch_is_saved(data_dir, tmp_path, monkeypatch, capsys):
+    assert stop_in_epoch_2(train_args(data_dir, tmp_path), monkeypatch) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--resume {tmp_path / 'last_checkpoint.pth'}") and "OUT_DIR" not in err
+
+
+def test_ctrl_c_before_the_first_epoch_or_in_benchmark_promises_nothing(data_dir, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mt, "train_one_epoch", interrupt)
+    with pytest.raises(SystemExit):
+        mt.main(train_args(data_dir, tmp_path))
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "--resume" not in err
+    monkeypatch.setattr(mt, "images_per_second", interrupt)
+    with pytest.raises(SystemExit):
+        mt.main(["--benchmark", "--device", "cpu", "--workers", "0"])
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_progress_is_shown_as_plain_lines_when_stdout_is_not_a_terminal(data_dir, tmp_path, capsys):
+    mt.main(train_args(data_dir, tmp_path))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch 1/2: ")]
+    assert len(lines) >= 5 and lines[0].startswith("epoch 1/2: 1/7 batches (10 %)"), out
+    assert "\r" not in out
+
+
+def test_epoch_lines_reach_a_pipe_as_they_are_printed(data_dir, tmp_path):
+    """nohup, tee and a notebook's !python read a pipe: a block buffer would hold the lines until the run ends."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "import sys, model_train; model_train.main(sys.argv[1:])",
+               *train_args(data_dir, out, epochs=60)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.split()[:1] == ["2"]:  # the second epoch's row, printed before its checkpoint is saved
+                break
+        epochs_done = torch.load(out / "last_checkpoint.pth", weights_only=True)["epoch"]
+    finally:
+        process.kill()
+        process.wait()
+    assert 1 <= epochs_done <= 5
+
+
+def test_too_few_steps_for_the_warm_up_is_one_line(data_dir, tmp_path, capsys):
+    from test_bad_input import fails_with_one_line
+
+    err = fails_with_one_line(train_args(data_dir, tmp_path, "--batch-size", "5000", epochs=5), capsys)
+    assert "--epochs 5 at --batch-size 5000 makes only 5 optimizer steps" in err and "warm-up" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("capability, dtype, scaled", [((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, False),
+                                                       ((9, 0), torch.bfloat16, False)])
+def test_precision_follows_the_gpu(capability, dtype, scaled, monkeypatch):
+    """A T4 (Colab's free GPU, capability 7.5) has no fast bfloat16: float16 autocast with a loss scaler there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: (device, enabled))
+    mt.native_bf16.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert mt.autocast_dtype(cuda) is dtype and mt.make_grad_scaler(cuda) == ("cuda", scaled)
+        assert mt.precision(cuda) == ("float16 autocast with loss scaling" if scaled else "bfloat16 autocast")
+    finally:
+        mt.native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_cpu_and_mps_train_in_float32_without_scaling(device):
+    assert mt.autocast_dtype(torch.device(device)) is None and mt.precision(torch.device(device)) == "float32"
+    assert not mt.make_grad_scaler(torch.device("cpu")).is_enabled()
+
+
+def test_the_loss_scalers_state_is_checkpointed_and_restored(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
+    assert "scaler" in checkpoint
+    cfg = argparse.Namespace(**checkpoint["config"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale tensor exists from the first use
+    model = mt.Net()
+    optimizer = mt.make_optimizer(model, cfg, torch.device("cpu"))
+    parts = dict(model=model, average=None, optimizer=optimizer, scheduler=mt.make_scheduler(optimizer, cfg, 7),
+                 scaler=scaler)
+    mt.save_checkpoint(tmp_path / "c.pth", parts, checkpoint["history"], dict(acc=1.0, weights=None), cfg)
+    parts["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0)
+    mt.restore_checkpoint(torch.load(tmp_path / "c.pth", weights_only=True), parts, "c.pth")
+    assert parts["scaler"].get_scale() == 1024.0
+
+
+def test_cudnn_picks_its_fastest_convs_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert mt.select_device("cuda").type == "cuda" and torch.backends.cudnn.benchmark
