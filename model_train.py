@@ -735,6 +735,7 @@ def load_weights(model, state_dict, path):
 
 
 # ------------------------------------------------------------------------------------------------ training
+PARTS = ("model", "average", "optimizer", "scheduler", "scaler")  # what a checkpoint saves the state of
 # Settings that describe the run's environment, not its result: a resumed run takes them from the command line.
 ENVIRONMENT_SETTINGS = {"data_dir", "out_dir", "overwrite", "workers", "device", "compile"}
 
@@ -793,7 +794,7 @@ def save_checkpoint(path, parts, history, best, cfg):
 def restore_checkpoint(checkpoint, parts, path):
     """Load what save_checkpoint() saved into `parts`; returns (history, best) as train() keeps them."""
     load_weights(parts["model"], checkpoint["model"], path)
-    for name in ("average", "optimizer", "scheduler", "scaler"):
+    for name in PARTS[1:]:
         if parts[name] and checkpoint.get(name):  # a checkpoint from before the average or the scaler has none
             parts[name].load_state_dict(checkpoint[name])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -817,14 +818,19 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     smooth; the high middle explores, the long tail settles into a minimum. Adam moves each weight by about the
     learning rate per step whatever the gradient's size, and these conv weights are ~0.05: a peak of 1e-2 kept
     rewriting them, and test accuracy stalled near 70 % for half of a 20-epoch run."""
-    steps = cfg.epochs * steps_per_epoch
-    if cfg.pct_start * steps == 1:  # a one-step warm-up ends where it starts: OneCycleLR divides by zero
-        raise UserError(f"--epochs {cfg.epochs} at --batch-size {cfg.batch_size} makes only {steps} optimizer steps, "
-                        f"and --pct-start {cfg.pct_start} of them is a warm-up of one step; "
-                        f"use a smaller --batch-size or more --epochs")
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=cfg.pct_start, anneal_strategy="cos", div_factor=cfg.max_lr / cfg.lr)
+
+
+def check_schedule(cfg, num_images):
+    """Refuse, before anything is written, a schedule OneCycleLR cannot run: a warm-up of exactly one step ends
+    where it starts, and it divides by zero (e.g. --epochs 5 --batch-size 50000)."""
+    steps = cfg.epochs * math.ceil(num_images / cfg.batch_size)
+    if cfg.pct_start * steps == 1:
+        raise UserError(f"--epochs {cfg.epochs} at --batch-size {cfg.batch_size} makes only {steps} optimizer steps, "
+                        f"and --pct-start {cfg.pct_start} of them is a warm-up of one step; "
+                        f"use a smaller --batch-size or more --epochs")
 
 
 def planned_learning_rates(cfg, steps_per_epoch):
@@ -866,6 +872,7 @@ def train(cfg, explicit=frozenset()):
     data = load_cifar10(cfg.data_dir)
     print(f"CIFAR-10 from {find_batch_folder(cfg.data_dir)}: {len(data[1]):,} training and "
           f"{len(data[3]):,} test images; device {device} ({precision(device)})")
+    check_schedule(cfg, len(data[1]))
 
     torch.manual_seed(cfg.seed)
     model = Net(cfg.dropout)
@@ -898,7 +905,7 @@ def train(cfg, explicit=frozenset()):
 
 def run_epochs(step_model, parts, train_loader, test_loader, criterion, device, cfg, out, history, best):
     """Train the epochs not yet in `history`; after each, save what improved and the checkpoint."""
-    model, average, optimizer, scheduler, scaler = (parts[name] for name in parts)
+    model, average, optimizer, scheduler, scaler = (parts[name] for name in PARTS)
     kept_model = average.model if average else model  # the weights evaluated each epoch and kept ...
     test_model = average.model if average else step_model  # ... and how to run them (compiled, if so)
     target_reached = any(row["test_acc"] >= cfg.target_acc for row in history)
@@ -1002,7 +1009,7 @@ def plot_curves(history, learning_rates, cfg, path):
     """Loss and accuracy per epoch, and the learning rate of every step (`learning_rates`), titled with the
     settings that shape a run. Returns the figure."""
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(13, 3.9))
+    fig = Figure(figsize=(13, 4), layout="constrained")
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         for split in ("train", "test"):
@@ -1347,7 +1354,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C; train() says what was saved
-        print("\ninterrupted" + (f" {e}" if e.args else ""), file=sys.stderr)
+        print("\ninterrupted" + (f": {e}" if e.args else ""), file=sys.stderr)
         sys.exit(130)
 
 
