@@ -715,12 +715,17 @@ def load_checkpoint_file(path, what):
         raise UserError(f"{what} {path} is damaged (truncated or corrupt) or not a checkpoint; {use}") from None
 
 
+def is_state_dict(state):
+    """Whether `state` is a model's weights alone, as best_model.pth holds them."""
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
 def weights_in(state, path):
     """The model weights in what load_checkpoint_file() read: a best_model.pth is them; a last_checkpoint.pth holds
     them beside the optimizer's state, and its averaged weights are the ones the run evaluated."""
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state["average"]["weights"] if state.get("average") else state["model"]
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    if is_state_dict(state):
         return state
     raise UserError(f"{path} is not a checkpoint written by this script; give a best_model.pth or "
                     f"last_checkpoint.pth written by this script")
@@ -775,8 +780,7 @@ def read_resume_checkpoint(path):
         raise UserError(f"--resume {path} was written by an earlier version of this script, "
                         f"{EARLIER_FORMATS[checkpoint['format']]}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        hint = " (best_model.pth holds weights only: resume from last_checkpoint.pth)" \
-            if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()) else ""
+        hint = " (best_model.pth holds weights only: resume from last_checkpoint.pth)" if is_state_dict(checkpoint) else ""
         raise UserError(f"--resume {path} is not a last_checkpoint.pth written by this script{hint}")
     return checkpoint
 
@@ -955,9 +959,9 @@ def finish(model, parts, test_loader, device, cfg, out, history, best):
 
 def evaluate_checkpoint(cfg):
     """--eval: load weights (best_model.pth or last_checkpoint.pth), report on the test set, write the reports."""
-    model = load_model(cfg.eval, select_device(cfg.device), what="--eval checkpoint")
+    device = select_device(cfg.device)
+    model = load_model(cfg.eval, device, what="--eval checkpoint")
     out = prepare_out_dir(cfg.out_dir)
-    device = next(model.parameters()).device
     data = load_cifar10(cfg.data_dir)
     _, test_loader = make_loaders(data, cfg, device)
     report(model, test_loader, device, cfg, out)
