@@ -38,3 +38,12 @@ def test_every_flag_the_readme_names_exists():
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", README))
     assert named - known == set()
     assert {mt.setting_flag(name) for name in mt.SETTINGS} <= named  # every setting is documented
+
+
+def test_requirements_ask_for_the_torch_that_this_script_needs():
+    """torch 2.5 is the first that loads the scheduler's state with weights_only=True and runs autocast(enabled=False)
+    on Apple MPS; a lower floor would let pip install a torch on which --resume or MPS training fails."""
+    requirements = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    floors = dict(re.findall(r"^(torch|torchvision)>=([\d.]+)", requirements, flags=re.MULTILINE))
+    as_tuple = lambda version: tuple(int(part) for part in version.split(".")[:2])  # noqa: E731
+    assert as_tuple(floors["torch"]) >= (2, 5) and as_tuple(floors["torchvision"]) >= (0, 20)
