@@ -381,7 +381,7 @@ class Net(nn.Module):
                              Residual(DepthwiseSeparable(176, 176, dilation=2))),
         ))
         # Dropout on the pooled features, before the classifier, as in MobileNet and EfficientNet. Dropout on
-        # the feature maps, as in the seed, cost 15 % of the CPU step time (drawing a random mask per value).
+        # every feature map instead cost 15 % of the CPU step time (drawing a random mask per value).
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(176, num_classes))
 
