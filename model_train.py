@@ -849,15 +849,14 @@ def planned_learning_rates(cfg, steps_per_epoch):
     return rates
 
 
-def write_results(out, cfg, history, best, **final):
+def write_results(out, cfg, history, **final):
     """results.json: the run's settings and where it stands (best and last epoch), rewritten after every epoch so
     that a folder says what produced it; `final` adds what is measured at the end (flip TTA, minutes)."""
-    best_row = max(history, key=lambda row: row["test_acc"]) if history else None
+    best = max(history, key=lambda row: row["test_acc"])
     results = dict(
         settings={name.lower(): getattr(cfg, name.lower()) for name in SETTINGS},
         epochs_done=len(history), finished=len(history) == cfg.epochs,
-        best_epoch=best_row and best_row["epoch"], best_test_acc=best["acc"],
-        last_test_acc=history[-1]["test_acc"] if history else None, **final)
+        best_epoch=best["epoch"], best_test_acc=best["test_acc"], last_test_acc=history[-1]["test_acc"], **final)
     text = json.dumps(results, indent=2) + "\n"
     save_atomically(out / "results.json", lambda f: f.write(text.encode()))
 
@@ -931,7 +930,7 @@ def run_epochs(step_model, parts, train_loader, test_loader, criterion, device, 
         history.append(row)
         save_checkpoint(out / "last_checkpoint.pth", parts, history, best, cfg)
         write_metrics_csv(history, out / "metrics.csv")
-        write_results(out, cfg, history, best)
+        write_results(out, cfg, history)
         if test_acc >= cfg.target_acc and not target_reached:
             target_reached = True
             tqdm.write(f"target reached: {test_acc:.2f} % >= {cfg.target_acc} % at epoch {epoch}")
@@ -953,7 +952,7 @@ def finish(model, parts, test_loader, device, cfg, out, history, best):
         final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out)
     plot_curves(history, planned_learning_rates(cfg, parts["scheduler"].total_steps // cfg.epochs), cfg,
                 out / "curves.png")
-    write_results(out, cfg, history, best, **final)
+    write_results(out, cfg, history, **final)
     print(f"wrote curves.png and results.json to {out}")
 
 
@@ -1131,11 +1130,10 @@ def classify(model, images, top=3, batch_size=256):
     """uint8 height x width x 3 RGB images (any size; see to_cifar_size) -> for each image, its `top` most likely
     classes as (name, probability) pairs, most likely first. `model` should be in eval mode (load_model's is)."""
     device = next(model.parameters()).device
-    mean, std = pixel_statistics(device)
     results = []
     for start in range(0, len(images), batch_size):
         pixels = torch.from_numpy(np.stack([to_cifar_size(image) for image in images[start:start + batch_size]]))
-        x = (pixels.permute(0, 3, 1, 2).to(device, memory_format=torch.channels_last).float() - mean) / std
+        x, _ = to_device(pixels.permute(0, 3, 1, 2), torch.zeros(len(pixels), dtype=torch.long), device)
         with autocast(device):
             probabilities = model(x).float().softmax(1).cpu()
         values, indices = probabilities.topk(top, dim=1)
