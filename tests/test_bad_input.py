@@ -46,6 +46,7 @@ def out_dir(tmp_path, trained_run):
     (["--ema-decay", "1"], "--ema-decay: must be at least 0 and below 1"),
     (["--cutout-p", "1.5"], "--cutout-p: must be from 0 to 1, not 1.5"),
     (["--affine-p", "-0.1"], "--affine-p: must be from 0 to 1"),
+    (["--mixup", "-0.4"], "--mixup: must be a number, 0 or more, not -0.4"),
     (["--device", "tpu"], "--device: must be auto, cuda, mps or cpu"),
     (["--workers", "-1"], "--workers: must be a whole number, 0 or more"),
     (["--epoch", "5"], "unrecognized arguments"),

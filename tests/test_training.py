@@ -9,13 +9,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model_train as mt
 from conftest import train_args
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeLoader(list):
+    """A list of (images, labels) batches with the .dataset length that train_one_epoch() divides by."""
+
+    @property
+    def dataset(self):
+        return range(sum(len(labels) for _, labels in self))
 
 
 def metrics_without_seconds(out):
@@ -91,10 +101,11 @@ def test_overwrite_replaces_an_earlier_run(data_dir, trained_run, tmp_path):
     assert (tmp_path / "best_model.pth").read_bytes() != (trained_run / "best_model.pth").read_bytes()
 
 
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--mixup", "0.4")], ids=["default", "mixup"])
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(extra, data_dir, tmp_path, monkeypatch):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    mt.main(train_args(data_dir, whole, epochs=3))
-    assert stop_in_epoch_2(train_args(data_dir, broken, epochs=3), monkeypatch) == 130
+    mt.main(train_args(data_dir, whole, *extra, epochs=3))
+    assert stop_in_epoch_2(train_args(data_dir, broken, *extra, epochs=3), monkeypatch) == 130
     assert torch.load(broken / "last_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert len(metrics_without_seconds(broken)) == 1
 
@@ -185,6 +196,77 @@ def test_weight_decay_is_decoupled_from_the_gradient():
     model.weight.grad = torch.zeros_like(model.weight)
     optimizer.step()
     assert torch.allclose(model.weight.detach(), torch.tensor([[4.0, -0.01]]) * (1 - 0.1 * 0.5))
+
+
+def test_mixup_strength_rises_from_nothing_to_its_setting_by_mid_run():
+    cfg = argparse.Namespace(mixup=0.4, epochs=75)
+    assert mt.mixup_alpha(cfg, 1) == 0.0  # the first epoch learns plain images
+    assert mt.mixup_alpha(cfg, 19) == pytest.approx(0.4 * 18 / 37)
+    assert [mt.mixup_alpha(cfg, epoch) for epoch in (38, 60, 75)] == [0.4, 0.4, 0.4]
+    assert mt.mixup_alpha(argparse.Namespace(mixup=0.0, epochs=75), 60) == 0.0
+    assert mt.mixup_alpha(argparse.Namespace(mixup=0.4, epochs=2), 2) == 0.4  # short runs reach it too
+
+
+def test_mix_batch_blends_each_image_with_its_partner_by_one_weight():
+    images, labels = torch.randn(8, 3, 4, 4), torch.arange(8)  # label i is image i, so a partner's label is its index
+    mixed, partners, lam = mt.mix_batch(images, labels, 0.4, np.random.default_rng(0))
+    assert 0 < lam < 1 and sorted(partners.tolist()) == list(range(8)) and not torch.equal(partners, labels)
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images[partners])
+    again = mt.mix_batch(images, labels, 0.4, np.random.default_rng(0))
+    assert torch.equal(again[0], mixed) and again[2] == lam  # the same draws from the same generator
+
+
+def test_mixup_trains_on_blends_and_scores_both_labels(monkeypatch):
+    """The model sees the blended batch, the loss is lam x loss(labels) + (1 - lam) x loss(partners), and the
+    training accuracy gives a prediction lam for one label and 1 - lam for the other."""
+    torch.manual_seed(0)
+    pixels, labels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    def one_epoch(model, mixup):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights, and so the logits, stay put
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return mt.train_one_epoch(model, FakeLoader([(pixels, labels)]), optimizer, scheduler,
+                                  torch.nn.CrossEntropyLoss(), torch.device("cpu"), mt.make_grad_scaler(
+                                      torch.device("cpu")), mixup=mixup, rng=np.random.default_rng(5))
+
+    model = Recorder()
+    loss, accuracy = one_epoch(model, 0.4)
+    mixed, partners, lam = mt.mix_batch(*mt.to_device(pixels, labels, torch.device("cpu")), 0.4,
+                                        np.random.default_rng(5))
+    assert torch.allclose(seen[-1], mixed)
+    with torch.no_grad():
+        logits = model(mixed)
+    expected = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partners)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    predicted = logits.argmax(1)
+    hits = lam * (predicted == labels).sum() + (1 - lam) * (predicted == partners).sum()
+    assert accuracy == pytest.approx(100 * hits.item() / 16, rel=1e-5)
+
+    plain_loss, _ = one_epoch(model, 0.0)
+    plain = seen[-1]
+    assert torch.equal(plain, mt.to_device(pixels, labels, torch.device("cpu"))[0])  # no mixup: the batch as is
+    assert plain_loss == pytest.approx(F.cross_entropy(model(plain), labels).item(), rel=1e-5)
+
+
+def test_a_run_with_mixup_learns_and_differs_from_one_without(data_dir, trained_run, tmp_path):
+    mt.main(train_args(data_dir, tmp_path, "--mixup", "0.4"))
+    mixed, plain = metrics_without_seconds(tmp_path), metrics_without_seconds(trained_run)
+    assert mixed[0] == plain[0]  # the first epoch trains on plain images
+    assert mixed[1] != plain[1]
+    checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    assert checkpoint["config"]["mixup"] == 0.4
+    first, second = checkpoint["history"]  # its training loss is that of blends: judge it by the test images
+    assert second["test_loss"] < first["test_loss"] and second["test_acc"] > 10  # 10 %: chance
 
 
 def test_mps_is_not_autocast():
