@@ -1043,7 +1043,8 @@ def plot_curves(history, learning_rates, cfg, path):
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         for split in ("train", "test"):
-            ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
+            label = "train (blended images)" if split == "train" and cfg.mixup else split  # why it sits below test
+            ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=label)
         ax.set(title=title)
         ax.legend()
     steps_per_epoch = len(learning_rates) / cfg.epochs
@@ -1054,8 +1055,9 @@ def plot_curves(history, learning_rates, cfg, path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, never 0.5
         ax.grid(alpha=0.3)
     best = max(history, key=lambda row: row["test_acc"])
+    mixup = f"mixup {cfg.mixup:g}, " if cfg.mixup else ""
     fig.suptitle(f"{cfg.epochs} epochs, batch {cfg.batch_size}, max lr {cfg.max_lr:g}, weight decay "
-                 f"{cfg.weight_decay:g}, EMA {cfg.ema_decay:g}, seed {cfg.seed}: best test accuracy "
+                 f"{cfg.weight_decay:g}, EMA {cfg.ema_decay:g}, {mixup}seed {cfg.seed}: best test accuracy "
                  f"{best['test_acc']:.2f} % at epoch {best['epoch']}")
     save_figure(fig, path)
     return fig

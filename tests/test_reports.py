@@ -124,3 +124,8 @@ def test_curves_show_whole_epochs_the_learning_rate_of_every_step_and_the_settin
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
     title = fig._suptitle.get_text()
     assert "2 epochs" in title and "batch 32" in title and "seed 42" in title and "best test accuracy" in title
+    assert "mixup" not in title and acc_ax.get_legend_handles_labels()[1] == ["train", "test"]
+    cfg.mixup = 0.4  # a run with mixup says so: its training accuracy is on blended images and sits below the test's
+    fig = mt.plot_curves(checkpoint["history"], rates, cfg, tmp_path / "curves.png")
+    assert "mixup 0.4, seed 42" in fig._suptitle.get_text()
+    assert fig.axes[1].get_legend_handles_labels()[1] == ["train (blended images)", "test"]
