@@ -52,7 +52,7 @@ from tqdm import tqdm  # noqa: E402
 # ============================================================================================== settings
 # Edit these, or override any of them from the command line: EPOCHS is --epochs, MAX_LR is --max-lr, ...
 # Every UPPER_CASE name in this block becomes a flag, with its comment as the help text.
-EPOCHS = 75             # length of the one-cycle schedule; 10 makes a quick run on a CPU
+EPOCHS = 75             # length of the one-cycle schedule; 15 makes a quick run on a CPU
 BATCH_SIZE = 128        # images per optimizer step; on a GPU, 512 with a max lr of 8e-3 keeps it busy: ~3.7x faster
 LR = 1e-3               # learning rate at the first step; OneCycle warms up from here to MAX_LR
 MAX_LR = 4e-3           # peak learning rate, reached after PCT_START of the steps, then cosine-annealed to ~0
