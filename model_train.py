@@ -176,7 +176,7 @@ def train_transform(affine_p=AFFINE_P, cutout_p=CUTOUT_P):
     """The training augmentation, on uint8 pixels. strict=True turns a misspelled or renamed argument, which
     Albumentations would otherwise drop with a mere warning, into an error.
 
-    No Normalize here: to_device() normalizes whole batches on the device. A worker then ships a quarter of
+    No Normalize here: normalize() normalizes whole batches on the device. A worker then ships a quarter of
     the bytes (uint8, not float32) and does about a fifth less work per image: the same cores feed a GPU faster."""
     mean_pixel = tuple(round(255 * m) for m in CIFAR10_MEAN)  # the mean colour, so a hole normalizes to ~0
     return A.Compose([
@@ -478,15 +478,20 @@ def pixel_statistics(device):
     return tuple(255 * torch.tensor(stats, device=device).view(1, 3, 1, 1) for stats in (CIFAR10_MEAN, CIFAR10_STD))
 
 
-def to_device(images, labels, device):
-    """A batch of uint8 pixels -> normalized float32 images on the device (and the labels).
+def normalize(images, device):
+    """A batch of uint8 pixels (N x 3 x H x W) -> normalized float32 images on the device.
 
     channels_last is the layout cuDNN's and oneDNN's fastest conv kernels use; non_blocking lets the copy
     from pinned memory overlap the previous step's work. Normalizing a whole batch here is two small kernels on
     a GPU (see train_transform for why the workers do not)."""
     mean, std = pixel_statistics(device)
     images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return (images.float() - mean) / std, labels.to(device, non_blocking=True)
+    return (images.float() - mean) / std
+
+
+def to_device(images, labels, device):
+    """A training batch -> (normalized images, labels), both on the device."""
+    return normalize(images, device), labels.to(device, non_blocking=True)
 
 
 @functools.cache
@@ -593,7 +598,7 @@ def predict(model, loader, device, tta=False, desc="test"):
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc, plain_lines=False):
-        images, _ = to_device(images, labels, device)
+        images = normalize(images, device)
         with autocast(device):
             logits = model(images)
             if tta:
@@ -1162,7 +1167,7 @@ def classify(model, images, top=3, batch_size=256):
     results = []
     for start in range(0, len(images), batch_size):
         pixels = torch.from_numpy(np.stack([to_cifar_size(image) for image in images[start:start + batch_size]]))
-        x, _ = to_device(pixels.permute(0, 3, 1, 2), torch.zeros(len(pixels), dtype=torch.long), device)
+        x = normalize(pixels.permute(0, 3, 1, 2), device)
         with autocast(device):
             probabilities = model(x).float().softmax(1).cpu()
         values, indices = probabilities.topk(top, dim=1)
