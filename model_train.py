@@ -570,7 +570,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, scal
     correct = torch.zeros((), device=device)
     for images, labels in progress(loader, desc):
         images, labels = to_device(images, labels, device)
-        partners, lam = labels, 1.0
         if mixup > 0:
             images, partners, lam = mix_batch(images, labels, mixup, rng)
         with autocast(device):
@@ -587,7 +586,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device, scal
             average.update(model)
         loss_sum += loss.detach() * len(labels)
         predicted = logits.argmax(1)
-        correct += lam * (predicted == labels).sum() + (1 - lam) * (predicted == partners).sum()
+        correct += (predicted == labels).sum() if mixup == 0 else \
+            lam * (predicted == labels).sum() + (1 - lam) * (predicted == partners).sum()
     return loss_sum.item() / len(loader.dataset), 100.0 * correct.item() / len(loader.dataset)
 
 
