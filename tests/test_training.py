@@ -216,7 +216,7 @@ def test_mix_batch_blends_each_image_with_its_partner_by_one_weight():
     assert torch.equal(again[0], mixed) and again[2] == lam  # the same draws from the same generator
 
 
-def test_mixup_trains_on_blends_and_scores_both_labels(monkeypatch):
+def test_mixup_trains_on_blends_and_scores_both_labels():
     """The model sees the blended batch, the loss is lam x loss(labels) + (1 - lam) x loss(partners), and the
     training accuracy gives a prediction lam for one label and 1 - lam for the other."""
     torch.manual_seed(0)
