@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic CIFAR-10 folder (tests never need the real data) and helpers."""
+"""Shared fixtures and helpers: a tiny synthetic CIFAR-10 folder (tests never need the real data), a finished run."""
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -36,6 +37,23 @@ def make_cifar_folder(root, per_batch=40, test_images=100, seed=0):
     return Path(root)
 
 
+class RunsCode:
+    """A pickle that runs a command when loaded: no file this script reads may load it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def fails_with_one_line(argv, capsys):
+    """main(argv) exits non-zero with one line on stderr and no traceback; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        model_train.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return make_cifar_folder(tmp_path_factory.mktemp("data"))
@@ -51,4 +69,14 @@ def trained_run(data_dir, tmp_path_factory):
     """One finished 2-epoch run on the synthetic data, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run")
     model_train.main(train_args(data_dir, out))
+    return out
+
+
+@pytest.fixture
+def copy_of_run(trained_run, tmp_path):
+    """A folder holding a copy of the finished run, for tests that may change it."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    for path in trained_run.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
     return out

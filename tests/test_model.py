@@ -8,46 +8,41 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_train as mt
+from conftest import fails_with_one_line, train_args
 
 
-def test_parameter_count_is_under_200k():
+def macs(model):
+    return sum(row["macs"] for row in mt.layer_table(model))
+
+
+def receptive_field(model):
+    return [row for row in mt.layer_table(model) if row["kind"] != "linear"][-1]["receptive_field"]
+
+
+def test_the_net_keeps_its_promises(capsys):
+    """Under 200,000 parameters and 50 M multiply-adds, a receptive field of at least 49, ten logits per image; the
+    start-of-run table says so, a row per layer."""
     model = mt.Net()
-    assert mt.count_parameters(model) == sum(p.numel() for p in model.parameters())
-    assert mt.count_parameters(model) < 200_000
-
-
-def test_forward_gives_ten_logits_per_image():
-    model = mt.Net().eval()
-    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    params = sum(p.numel() for p in model.parameters())
+    assert params < 200_000 and macs(model) <= 50_000_000 and receptive_field(model) >= 49
+    assert model.eval()(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    mt.describe_model(model)
+    out = capsys.readouterr().out
+    assert f"{params:,} parameters" in out and f"receptive field {receptive_field(model)} px" in out
+    assert len(out.splitlines()) == len(mt.layer_table(model)) + 2
 
 
 def test_structure_depthwise_dilated_strided_no_maxpool():
-    convs = [m for m in mt.Net().modules() if isinstance(m, nn.Conv2d)]
+    model = mt.Net()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert any(c.groups == c.in_channels > 1 for c in convs), "no depthwise conv"
-    assert any(c.dilation[0] > 1 for c in convs), "no dilated conv"
-    assert any(c.stride[0] == 2 for c in convs), "no stride-2 conv"
-    assert any(c.kernel_size == (1, 1) for c in convs), "no 1x1 conv"
-    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in mt.Net().modules())
-    head = mt.Net().head
-    assert isinstance(head[0], nn.AdaptiveAvgPool2d) and isinstance(head[-1], nn.Linear)
-    blocks = [name for name, _ in mt.Net().features.named_children()]
-    assert blocks == ["C1", "C2", "C3", "C4", "C5"]
-
-
-def test_dilated_convs_sit_in_c3_and_c5():
-    features = mt.Net().features
-    for block in ("C3", "C5"):
-        assert any(isinstance(m, nn.Conv2d) and m.dilation[0] > 1 for m in getattr(features, block).modules())
-
-
-def test_mac_counter_matches_hand_count():
-    tiny = Stack(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.AdaptiveAvgPool2d(1),
-                 nn.Flatten(), nn.Linear(8, 10))
-    assert mt.count_macs(tiny) == 32 * 32 * 8 * 27 + 16 * 16 * 8 * 9 + 8 * 10
-
-
-def test_forward_pass_costs_at_most_50m_macs():
-    assert mt.count_macs(mt.Net()) <= 50_000_000
+    assert any(c.stride[0] == 2 for c in convs) and any(c.kernel_size == (1, 1) for c in convs)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in model.modules())
+    assert isinstance(model.head[0], nn.AdaptiveAvgPool2d) and isinstance(model.head[-1], nn.Linear)
+    assert [name for name, _ in model.features.named_children()] == ["C1", "C2", "C3", "C4", "C5"]
+    for block in ("C3", "C5"):  # the dilated convs
+        assert any(isinstance(m, nn.Conv2d) and m.dilation[0] > 1 for m in getattr(model.features, block).modules())
+    assert all(m.p == 0.3 for m in mt.Net(dropout=0.3).modules() if isinstance(m, nn.Dropout))
 
 
 class Stack(nn.Module):
@@ -59,11 +54,14 @@ class Stack(nn.Module):
         return self.features(x)
 
 
-def test_receptive_field_formula_on_a_known_stack():
+def test_mac_and_receptive_field_counts_match_hand_counts():
+    tiny = Stack(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.AdaptiveAvgPool2d(1),
+                 nn.Flatten(), nn.Linear(8, 10))
+    assert macs(tiny) == 32 * 32 * 8 * 27 + 16 * 16 * 8 * 9 + 8 * 10
     stack = Stack(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, padding=2, dilation=2))
     # 1 + 2 (3x3) + 2 (3x3, stride 2 after it) + 2 * 2 * 2 (dilation 2 at jump 2) = 13
-    assert [r.receptive_field for r in mt.layer_table(stack)] == [3, 5, 13]
-    assert mt.receptive_field(stack) == 13 == empirical_receptive_field(stack, size=64)[0]
+    assert [row["receptive_field"] for row in mt.layer_table(stack)] == [3, 5, 13]
+    assert [row["kind"] for row in mt.layer_table(stack)] == ["conv 3x3", "conv 3x3 s2", "conv 3x3 d2"]
 
 
 def empirical_receptive_field(model, size=160):
@@ -82,11 +80,9 @@ def empirical_receptive_field(model, size=160):
     return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
 
 
-def test_receptive_field_is_at_least_49_and_confirmed_by_backprop():
+def test_the_calculated_receptive_field_is_confirmed_by_backprop():
     model = mt.Net()
-    calculated = mt.receptive_field(model)
-    assert calculated >= 49
-    assert empirical_receptive_field(model) == (calculated, calculated)
+    assert empirical_receptive_field(model) == (receptive_field(model), receptive_field(model))
 
 
 @pytest.mark.parametrize("in_channels, out_channels, groups, dilation, size", [
@@ -121,20 +117,15 @@ def record_conv2d_dilations(monkeypatch):
     return dilations
 
 
-def test_the_nets_dilated_convs_run_undilated_on_a_cpu(monkeypatch):
+def test_the_nets_dilated_convs_run_undilated_on_a_cpu_unless_the_size_does_not_divide(monkeypatch):
     model = mt.Net()
     dilated = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
     assert dilated and all(isinstance(m, mt.DilatedConv2d) for m in dilated)
     dilations = record_conv2d_dilations(monkeypatch)
     model(torch.randn(2, 3, 32, 32))
-    assert dilations.count(1) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert set(dilations) == {1}
-
-
-def test_dilated_conv_takes_the_plain_path_when_the_size_does_not_divide(monkeypatch):
-    conv = mt.DilatedConv2d(4, 4, 3, 2, 4)
-    dilations = record_conv2d_dilations(monkeypatch)
-    assert conv(torch.randn(1, 4, 7, 7)).shape == (1, 4, 7, 7)
+    assert dilations == [1] * sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    dilations.clear()
+    assert mt.DilatedConv2d(4, 4, 3, 2, 4)(torch.randn(1, 4, 7, 7)).shape == (1, 4, 7, 7)
     assert dilations == [2]
 
 
@@ -162,35 +153,20 @@ def test_a_training_step_copies_no_activation(make_unit):
     assert ops.counts["convolution"] > 0 and ops.counts["clone"] == 0
 
 
-def test_describe_model_refuses_a_model_over_the_limit(capsys):
-    big = mt.Net()
-    width = big.head[-1].in_features
-    big.head[-1] = nn.Linear(width, 200_000 // width)  # pushes the count past 200,000
-    with pytest.raises(mt.UserError, match="over the 200,000 limit"):
-        mt.describe_model(big)
-
-
-def test_describe_model_prints_a_row_per_layer(capsys):
-    mt.describe_model(mt.Net())
-    out = capsys.readouterr().out
-    assert f"receptive field {mt.receptive_field(mt.Net())} px" in out
-    assert len(out.splitlines()) == len(mt.layer_table(mt.Net())) + 2
-    assert f"{mt.count_parameters(mt.Net()):,} parameters" in out
-
-
-def test_dropout_setting_reaches_the_model():
-    rates = [m.p for m in mt.Net(dropout=0.3).modules() if isinstance(m, nn.Dropout)]
-    assert rates and all(p == 0.3 for p in rates)
-
-
 def test_inverted_bottleneck_widens_looks_around_and_projects_back_linearly():
     unit = mt.InvertedBottleneck(8, expansion=3, dilation=2)
     convs = [m for m in unit.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
         (8, 24, (1, 1)), (24, 24, (3, 3)), (24, 8, (1, 1))]
     assert convs[1].groups == 24 and convs[1].dilation == (2, 2)
-    assert isinstance(unit[-1], nn.BatchNorm2d), "the projection ends in BatchNorm, no activation"
     with torch.no_grad():
         out = unit.eval()(10 * torch.randn(2, 8, 10, 10))
-    assert out.shape == (2, 8, 10, 10)
-    assert (out < -1).any(), "SiLU after the projection would keep every output above -0.28"
+    assert out.shape == (2, 8, 10, 10) and (out < -1).any(), "SiLU after the projection keeps outputs above -0.28"
+
+
+@pytest.mark.parametrize("limit, says", [("MAX_PARAMETERS", "over the 100,000 limit"),
+                                         ("MIN_RECEPTIVE_FIELD", "under 100000; add dilation or stride")])
+def test_a_model_that_breaks_a_promise_is_refused(limit, says, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mt, limit, 100_000)
+    assert says in fails_with_one_line(train_args(data_dir, tmp_path), capsys)
+    assert not (tmp_path / "best_model.pth").exists()

@@ -33,34 +33,36 @@ def predictions():
     return logits, labels
 
 
-def test_confusion_matrix_counts_every_image_and_its_diagonal_is_the_accuracy(predictions):
+def test_per_class_csv_and_console_match_a_direct_count(predictions, tmp_path, capsys):
     logits, labels = predictions
     counts = mt.confusion_matrix(logits.argmax(1), labels)
-    _, accuracy = mt.loss_and_accuracy(logits, labels)
     assert counts.shape == (10, 10) and counts.sum() == 200
-    assert 100 * np.trace(counts) / counts.sum() == pytest.approx(accuracy)
     assert counts[3, 5] == ((labels == 3) & (logits.argmax(1) == 5)).sum().item()
-
-
-def test_per_class_accuracy_and_csv_match_a_direct_count(predictions, tmp_path):
-    logits, labels = predictions
-    counts = mt.confusion_matrix(logits.argmax(1), labels)
     mt.write_per_class(counts, tmp_path / "per_class.csv")
     with open(tmp_path / "per_class.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["class"] for row in rows] == list(mt.CLASSES)
     for k, row in enumerate(rows):
         mine = labels == k
-        direct = 100 * (logits.argmax(1)[mine] == k).sum().item() / mine.sum().item()
-        assert mt.per_class_accuracy(counts)[k] == pytest.approx(direct)
-        assert float(row["accuracy"]) == pytest.approx(direct, abs=0.005) and int(row["images"]) == mine.sum()
+        assert float(row["accuracy"]) == pytest.approx(100 * (logits.argmax(1)[mine] == k).float().mean().item(),
+                                                       abs=0.005)
+        wrong = (logits.argmax(1)[mine][logits.argmax(1)[mine] != k]).tolist()
+        assert int(row["images"]) == mine.sum() and int(row["times"]) == max(map(wrong.count, wrong), default=0)
+    off = counts * (1 - np.eye(10, dtype=counts.dtype))
+    i, j = np.unravel_index(off.argmax(), off.shape)
+    assert f"most confused (true -> predicted): {mt.CLASSES[i]} -> {mt.CLASSES[j]} ({off[i, j]})" in capsys.readouterr().out
 
 
-def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+def test_a_class_never_mistaken_is_taken_for_nothing(tmp_path, capsys):
     counts = np.diag([50] * 10)
     counts[3, 5], counts[5, 3], counts[1, 9] = 30, 20, 7
-    assert mt.most_confused_pairs(counts, k=3) == [("cat", "dog", 30), ("dog", "cat", 20),
-                                                   ("automobile", "truck", 7)]
+    mt.write_per_class(counts, tmp_path / "per_class.csv")
+    out = capsys.readouterr().out
+    assert "horse           50   100.00%   -" in out and "cat             80    62.50%   dog (30)" in out
+    assert "most confused (true -> predicted): cat -> dog (30), dog -> cat (20), automobile -> truck (7)" in out
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        horse = [row for row in csv.DictReader(f) if row["class"] == "horse"][0]
+    assert horse["most_confused_with"] == "" and horse["times"] == "0"
 
 
 def test_misclassified_holds_only_mistakes_with_their_true_labels(predictions):
@@ -73,16 +75,25 @@ def test_misclassified_holds_only_mistakes_with_their_true_labels(predictions):
         assert true != predicted and confidence == pytest.approx(logits[index].softmax(0).max().item())
 
 
-def test_misclassified_png_shows_the_images_in_their_true_colours(monkeypatch, tmp_path):
+def test_the_report_pictures_say_what_they_show(monkeypatch, tmp_path):
+    """misclassified.png shows the first mistakes in their true colours with a legend for its captions, and both
+    pictures name the weights they come from."""
     images = np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     labels = torch.from_numpy(np.arange(20) % 10)
     logits = torch.nn.functional.one_hot((labels + 1) % 10, 10).float()  # every image wrong
-    shown = {}
-    monkeypatch.setattr(mt, "plot_misclassified", lambda pictures, captions, path: shown.update(pictures=pictures))
-    mt.write_reports(logits, labels, mt.CIFAR10Albumentations(images, labels.numpy(), mt.test_transform()), tmp_path, 3)
-    assert len(shown["pictures"]) == 3
-    for picture, original in zip(shown["pictures"], images):  # the first three, as height x width x 3 pixels
-        assert picture.dtype == np.uint8 and np.array_equal(picture, original)
+    saved = {}
+    monkeypatch.setattr(mt, "save", lambda content, path: saved.update({path.name: content}))
+    loader = torch.utils.data.DataLoader(mt.CIFAR10Albumentations(images, labels.numpy(), mt.test_transform()), 8)
+    monkeypatch.setattr(mt, "predict", lambda *args, **kwargs: (logits, labels))
+    cfg = mt.get_args_parser().parse_args(["--misclassified", "3", "--no-tta"])
+    mt.report(None, loader, torch.device("cpu"), cfg, tmp_path, "best_model.pth, epoch 7")
+    figure = saved["misclassified.png"]
+    shown = [ax.get_images()[0].get_array() for ax in figure.axes if ax.get_images()]
+    assert len(shown) == 3 and all(np.array_equal(a, b) for a, b in zip(shown, images))
+    assert figure.axes[0].get_title() == "airplane → automobile (23%)"
+    assert "true → predicted (the prediction's probability)" in figure._suptitle.get_text()
+    assert "best_model.pth, epoch 7" in figure._suptitle.get_text()
+    assert "best_model.pth, epoch 7" in saved["confusion_matrix.png"].axes[0].get_title()
 
 
 def test_flip_tta_equals_plain_evaluation_on_mirror_symmetric_images():
@@ -98,12 +109,6 @@ def test_flip_tta_equals_plain_evaluation_on_mirror_symmetric_images():
     asymmetric = mt.CIFAR10Albumentations(make_images(labels, np.random.default_rng(1)), labels, mt.test_transform())
     loader = torch.utils.data.DataLoader(asymmetric, 8)
     assert not torch.allclose(*(mt.predict(model, loader, torch.device("cpu"), tta=t)[0] for t in (False, True)))
-
-
-def test_eval_writes_the_report_files_of_the_weights(data_dir, trained_run, tmp_path):
-    mt.main(["--eval", str(trained_run / "last_checkpoint.pth"), "--data-dir", str(data_dir),
-             "--out-dir", str(tmp_path), "--workers", "0", "--device", "cpu", "--no-tta"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "misclassified.png", "per_class.csv"]
 
 
 def test_curves_show_whole_epochs_the_learning_rate_of_every_step_and_the_settings(trained_run, tmp_path):
