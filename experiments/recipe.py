@@ -53,16 +53,18 @@ def recipe_mixup_max(cfg, epoch):
     return min(cfg.mixup, (epoch - 1) / cfg.epochs)
 
 
-def train_one_epoch_uniform_mixup(model, loader, optimizer, scheduler, criterion, device, scaler, average=None,
-                                  desc="train", mixup=0.0, rng=None):
+def train_one_epoch_uniform_mixup(model, batches, optimizer, scheduler, criterion, scaler, average, mixup, rng):
     """model_train.train_one_epoch with per-image mixup: image i becomes (1 - lam_i) x_i + lam_i x_partner,
     lam_i ~ U(0, mixup), and its loss (1 - lam_i) CE(y_i) + lam_i CE(y_partner)."""
+    device = next(model.parameters()).device
     model.train()
     per_image = nn.CrossEntropyLoss(label_smoothing=criterion.label_smoothing, reduction="none")
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    for images, labels in mt.progress(loader, desc):
-        images, labels = mt.to_device(images, labels, device)
+    seen = 0
+    for images, labels in batches:
+        seen += len(labels)
+        images, labels = mt.normalize(images, device), labels.to(device, non_blocking=True)
         lam = torch.from_numpy(rng.uniform(0, mixup, len(labels))).float().to(device)
         order = torch.from_numpy(rng.permutation(len(labels))).to(device)
         partners = labels[order]
@@ -80,7 +82,7 @@ def train_one_epoch_uniform_mixup(model, loader, optimizer, scheduler, criterion
         loss_sum += loss.detach() * len(labels)
         hits = logits.argmax(1)
         correct += ((1 - lam) * (hits == labels) + lam * (hits == partners)).sum()
-    return loss_sum.item() / len(loader.dataset), 100.0 * correct.item() / len(loader.dataset)
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
 # ----------------------------------------------------------------------------------------------- unit
