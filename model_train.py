@@ -494,7 +494,8 @@ def train(cfg, data, device, out, checkpoint=None):
         print(f"without weight averaging, the last epoch's weights score {acc:.2f} %")
     model.load_state_dict(best["weights"])
     best_epoch = max(history, key=lambda row: row["test_acc"])["epoch"]
-    final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out, f"best_model.pth, epoch {best_epoch}")
+    weights = f"best_model.pth, epoch {best_epoch}"
+    final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out, weights)
     plot_curves(history, planned_learning_rates(cfg, len(train_loader)), cfg, out / "curves.png")
     write_results(out, cfg, history, **final)
     print(f"wrote curves.png and results.json to {out}")
@@ -696,12 +697,12 @@ def load_weights(model, path, what="weights file"):
 
 
 def save_checkpoint(path, state, history, best, cfg):
-    """All a resumed run needs to go on exactly: train()'s `state`, the best weights, settings, history, random state."""
+    """All a resumed run needs to go on exactly: train()'s `state`, the best weights, settings, history, RNG state."""
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
     parts = {name: part.state_dict() if part else None for name, part in state.items()}
     config = {**vars(cfg), "data_dir": str(Path(cfg.data_dir).resolve())}  # a resume from elsewhere finds the data
-    save(dict(format=CHECKPOINT_FORMAT, **parts, epoch=len(history), best_acc=best["acc"],
-                    best_model=best["weights"], config=config, history=history, rng=rng), path)
+    save(dict(format=CHECKPOINT_FORMAT, **parts, epoch=len(history), best_acc=best["acc"], best_model=best["weights"],
+              config=config, history=history, rng=rng), path)
 
 
 def restore_checkpoint(checkpoint, state):
@@ -744,9 +745,9 @@ def start_training(cfg, typed):
     if cfg.resume:
         checkpoint, cfg = read_resume_checkpoint(cfg, typed)
         if checkpoint["epoch"] >= cfg.epochs:
+            weights = Path(cfg.resume).parent / "best_model.pth"
             print(f"this run finished after epoch {checkpoint['epoch']}; nothing to do. To train further, start a new "
-                  f"run from its weights: python model_train.py --init-from {Path(cfg.resume).parent / 'best_model.pth'}"
-                  f" --out-dir NEW_FOLDER")
+                  f"run from its weights: python model_train.py --init-from {weights} --out-dir NEW_FOLDER")
             return
     if cfg.init_from:
         load_weights(Net(), cfg.init_from, "--init-from")  # a bad file is refused before anything is written
@@ -803,8 +804,8 @@ def layer_table(model):
                 kind = ("depthwise" if module.groups == module.in_channels > 1 else "pointwise" if k == 1 else "conv") \
                     + f" {k}x{k}" + f" s{module.stride[0]}" * (module.stride[0] > 1) \
                     + f" d{module.dilation[0]}" * (module.dilation[0] > 1)
-            rows.append(dict(name=name.removeprefix("features."), kind=kind, output=tuple(output.shape[1:]),
-                             receptive_field=receptive_field, parameters=sum(p.numel() for p in module.parameters()), macs=macs))
+            rows.append(dict(name=name.removeprefix("features."), kind=kind, output=tuple(output.shape[1:]), macs=macs,
+                             receptive_field=receptive_field, parameters=sum(p.numel() for p in module.parameters())))
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
@@ -954,7 +955,7 @@ def plot_confusion_matrix(counts, path, weights):
     ax.set_xticklabels(CLASSES, rotation=45, ha="right")
     ax.set_yticklabels(CLASSES)
     for (i, j), count in np.ndenumerate(counts):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+        ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
     save(fig, path)
 
 

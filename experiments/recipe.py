@@ -116,12 +116,14 @@ class RecipeNet(nn.Module):
             C1=nn.Sequential(mt.ConvBNAct(3, 16), mt.Residual(mt.ConvBNAct(16, 16))),
             C2=nn.Sequential(mt.ConvBNAct(16, 48, stride=2), GatedUnit(), GatedUnit()),
             C3=nn.Sequential(GatedUnit(), GatedUnit()),
-            C4=nn.Sequential(mt.DepthwiseSeparable(48, width, stride=2), mt.Residual(mt.DepthwiseSeparable(width, width)),
+            C4=nn.Sequential(mt.DepthwiseSeparable(48, width, stride=2),
+                             mt.Residual(mt.DepthwiseSeparable(width, width)),
                              mt.Residual(mt.DepthwiseSeparable(width, width))),
             C5=nn.Sequential(mt.Residual(mt.DepthwiseSeparable(width, width, dilation=2)),
                              mt.Residual(mt.DepthwiseSeparable(width, width, dilation=2))),
         ))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(width, num_classes))
 
     def forward(self, x):
         return self.head(self.features(x))

@@ -91,8 +91,8 @@ def test_the_calculated_receptive_field_is_confirmed_by_backprop():
     (8, 8, 4, 4, 12),     # grouped, dilation 4
 ])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_dilated_conv_gives_the_outputs_and_gradients_of_a_dilated_conv(in_channels, out_channels, groups,
-                                                                         dilation, size, memory_format):
+def test_dilated_conv_gives_the_outputs_and_gradients_of_a_dilated_conv(in_channels, out_channels, groups, dilation,
+                                                                        size, memory_format):
     conv = mt.DilatedConv2d(in_channels, out_channels, 3, dilation, groups)
     x = torch.randn(3, in_channels, size, size).contiguous(memory_format=memory_format).requires_grad_()
     reference = x.detach().clone().requires_grad_()

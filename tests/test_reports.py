@@ -50,7 +50,8 @@ def test_per_class_csv_and_console_match_a_direct_count(predictions, tmp_path, c
         assert int(row["images"]) == mine.sum() and int(row["times"]) == max(map(wrong.count, wrong), default=0)
     off = counts * (1 - np.eye(10, dtype=counts.dtype))
     i, j = np.unravel_index(off.argmax(), off.shape)
-    assert f"most confused (true -> predicted): {mt.CLASSES[i]} -> {mt.CLASSES[j]} ({off[i, j]})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"most confused (true -> predicted): {mt.CLASSES[i]} -> {mt.CLASSES[j]} ({off[i, j]})" in out
 
 
 def test_a_class_never_mistaken_is_taken_for_nothing(tmp_path, capsys):

@@ -98,8 +98,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(extra, data_
     assert same_weights(whole / "best_model.pth", broken / "best_model.pth")
 
 
-def test_resume_keeps_the_runs_settings_and_folders_but_a_typed_flag_wins(data_dir, trained_run, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_resume_keeps_the_runs_settings_and_folders_but_a_typed_flag_wins(trained_run, tmp_path, capsys):
     checkpoint = torch.load(trained_run / "last_checkpoint.pth", weights_only=True)
     torch.save(checkpoint, tmp_path / "last_checkpoint.pth")
     cfg = mt.get_args_parser().parse_args(["--resume", str(tmp_path / "last_checkpoint.pth"), "--epochs", "9",
@@ -338,8 +337,9 @@ def test_epoch_lines_reach_a_pipe_as_they_are_printed(data_dir, tmp_path):
         process.wait()
 
 
-@pytest.mark.parametrize("device, capability, dtype", [("cuda", (7, 5), torch.float16), ("cuda", (8, 0), torch.bfloat16),
-                                                       ("cpu", None, None), ("mps", None, None)])
+@pytest.mark.parametrize("device, capability, dtype", [("cuda", (7, 5), torch.float16),
+                                                       ("cuda", (8, 0), torch.bfloat16), ("cpu", None, None),
+                                                       ("mps", None, None)])
 def test_precision_follows_the_device(device, capability, dtype, monkeypatch):
     """A T4 (Colab's free GPU, capability 7.5) has no fast bfloat16: float16 autocast with a loss scaler there; a
     CPU and Apple's MPS train in float32."""
