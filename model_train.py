@@ -22,8 +22,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
-# Albumentations otherwise asks PyPI for a newer version on every import: a network call (and up to a 2 s
-# wait offline) in the main process and in every DataLoader worker.
+# Albumentations otherwise asks PyPI for a newer version at every import, in every worker (a 2 s wait offline).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
@@ -513,9 +512,8 @@ BATCH_FOLDER = "cifar-10-batches-py"
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR-10 batch files hold only numpy arrays and lists; anything else is refused, as a pickle from elsewhere
-    could run code while it loads. (torchvision's CIFAR10 class checks md5 sums instead, and so refuses every copy
-    whose pickle bytes differ, such as one rebuilt with the original pixels.)"""
+    """Only numpy arrays and lists, what CIFAR-10 batch files hold: another pickle could run code while it loads.
+    (torchvision's md5 check would refuse every copy whose pickle bytes differ, even one with the original pixels.)"""
 
     def find_class(self, module, name):
         allowed = {"_reconstruct": np.ndarray.__reduce__(np.empty(0))[0], "ndarray": np.ndarray, "dtype": np.dtype}
@@ -532,11 +530,10 @@ def read_batch_file(path):
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
         data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
-        if data.dtype != np.uint8 or data.shape[1:] != (3 * 32 * 32,) or not 0 < len(data) == len(labels):
-            raise ValueError(f"data of shape {data.shape} ({data.dtype}) and {len(labels)} labels, not N x 3072 uint8 "
-                             f"images with N labels")
-        if labels.min() < 0 or labels.max() >= len(CLASSES):
-            raise ValueError("labels outside 0..9")
+        if data.dtype != np.uint8 or data.shape[1:] != (3072,) or not 0 < len(data) == len(labels) \
+                or labels.min() < 0 or labels.max() >= len(CLASSES):
+            raise ValueError(f"{data.dtype} data of shape {data.shape} and {len(labels)} labels, not N x 3072 uint8 "
+                             f"images with N labels from 0 to 9")
     except FileNotFoundError:
         raise UserError(f"{path} is missing: the folder holds an incomplete CIFAR-10 copy; delete "
                         f"{path.parent} and run again to download it, or copy the complete folder there") from None
@@ -559,8 +556,8 @@ def find_batch_folder(data_dir):
 
 
 def load_cifar10(data_dir):
-    """(train_images, train_labels, test_images, test_labels) from find_batch_folder(data_dir), downloaded there by
-    torchvision if missing; a folder the download made is removed if it fails, so a typo leaves nothing behind."""
+    """(train_images, train_labels, test_images, test_labels), downloaded by torchvision if missing (and the folders
+    the download made removed if it fails, so a typo leaves nothing behind)."""
     folder = find_batch_folder(data_dir)
     if not folder.is_dir():
         from torchvision.datasets import CIFAR10
@@ -579,8 +576,7 @@ def load_cifar10(data_dir):
             *read_batch_file(folder / "test_batch"))
 
 
-PRECISION = {torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast with loss scaling",
-             None: "float32"}  # by amp_dtype()
+PRECISION = {torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast with loss scaling", None: "float32"}
 
 
 def select_device(choice):
@@ -601,8 +597,8 @@ def device_and_data(cfg):
 
 # ------------------------------------------------------------------------------ files, written atomically
 def save(content, path):
-    """Write content (a matplotlib Figure, a list of text lines, or what torch.save takes) to a temporary file beside
-    path, then rename it over path: a rename is atomic, so a kill at any moment leaves the old file or the new one."""
+    """Write a matplotlib Figure, text lines or what torch.save takes to a temporary file, then rename it over path:
+    a rename is atomic, so a kill at any moment leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -1130,10 +1126,8 @@ positive = number(float, lambda v: math.isfinite(v) and v > 0, "a number above 0
 non_negative = number(float, lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more")
 probability = number(float, lambda v: 0 <= v <= 1, "from 0 to 1")
 fraction = number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-
-
-def worker_count(text):
-    return text if text == "auto" else whole(text)
+worker_count = number(lambda text: text if text == "auto" else int(text), lambda v: v == "auto" or v >= 0,
+                      "auto or a whole number, 0 or more")
 
 
 class OneLineParser(argparse.ArgumentParser):

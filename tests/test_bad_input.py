@@ -32,7 +32,7 @@ def out_dir(copy_of_run):
     (["--cutout-p", "1.5"], "--cutout-p: must be from 0 to 1, not 1.5"),
     (["--mixup", "-0.4"], "--mixup: must be a number, 0 or more, not -0.4"),
     (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
-    (["--workers", "-1"], "--workers: must be a whole number, 0 or more"),
+    (["--workers", "-1"], "--workers: must be auto or a whole number, 0 or more"),
     (["--epoch", "5"], "unrecognized arguments"),
     (["--resume", "a", "--eval", "b"], "not allowed with argument"),
     (["--weights", "x.pth"], "--weights is for --predict"),

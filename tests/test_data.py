@@ -43,7 +43,7 @@ def damage(folder, kind):
     if kind == "bad labels":
         labels = np.array([0, 1, 2, 11])
         write_batch(batches / "data_batch_2", make_images(labels % 10, np.random.default_rng(0)), labels)
-        return "labels outside 0..9"
+        return "labels from 0 to 9"
     with open(batches / "data_batch_1", "wb") as f:  # "runs code"
         pickle.dump({"data": RunsCode(), "labels": []}, f)
     return "data_batch_1"
