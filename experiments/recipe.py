@@ -2,6 +2,7 @@
 adapted to this project's spec, as a candidate run of model_train.py.
 
     python experiments/recipe.py --parts aug,unit,sched [any model_train.py flag ...]
+    python experiments/recipe.py --speed   # CPU training images/s: default Net, RecipeNet, the seed's layout
 
 It imports model_train (from the repository root, or from MODEL_TRAIN_DIR), replaces the parts named in --parts and
 runs model_train.main() with the remaining flags, so a run writes the usual run folder and continues with --resume
@@ -158,10 +159,31 @@ def apply(parts):
         mt.make_scheduler = recipe_scheduler
 
 
+def speed(rounds=5):
+    """Training images/s of the default Net, RecipeNet and the seed's layout, taking turns in one process so that the
+    machine's drift hits all three; the seed's layout and the timing loop are the workplace's seed_layout.py (in
+    ../shared/tools, beside the repository)."""
+    import statistics
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tools"))
+    from seed_layout import seed_layout, train_images_per_second
+    models = dict(default=mt.Net, recipe=RecipeNet, seed_layout=seed_layout)
+    speeds = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, make in models.items():
+            speeds[name].append(train_images_per_second(make()))
+    for name, values in speeds.items():
+        ratios = [v / s for v, s in zip(values, speeds["seed_layout"])]
+        print(f"{name:<12} median {statistics.median(values):5.0f} images/s ({min(values):.0f}-{max(values):.0f}), "
+              f"{statistics.median(ratios):.2f} x the seed's layout ({min(ratios):.2f}-{max(ratios):.2f})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--speed", action="store_true")
     args, rest = parser.parse_known_args(argv)
+    if args.speed:
+        return speed()
     parts = set(filter(None, args.parts.split(",")))
     if parts - set(PARTS):
         sys.exit(f"error: --parts takes a comma-separated subset of {','.join(PARTS)}, not {args.parts}")
