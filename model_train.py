@@ -560,12 +560,12 @@ def load_cifar10(data_dir):
     the download made removed if it fails, so a typo leaves nothing behind)."""
     folder = find_batch_folder(data_dir)
     if not folder.is_dir():
-        from torchvision.datasets import CIFAR10
         made = [parent for parent in (folder.parent, *folder.parent.parents) if not parent.exists()]
         print(f"downloading CIFAR-10 (163 MB) into {folder.parent} ...")
         try:
+            from torchvision.datasets import CIFAR10
             CIFAR10(root=str(folder.parent), train=True, download=True)
-        except Exception as e:  # no network, a proxy, a full disk, a failed checksum ...
+        except Exception as e:  # no network, a proxy, a full disk, a failed checksum, a torchvision not for this torch
             if made:
                 shutil.rmtree(made[-1], ignore_errors=True)
             raise UserError(f"could not download CIFAR-10 into {folder.parent} ({type(e).__name__}: {e}); without "
