@@ -72,9 +72,8 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 # ================================================================================================== data
 def train_transform(affine_p=AFFINE_P, cutout_p=CUTOUT_P):
-    """The training augmentation, on uint8 pixels; strict=True turns an argument Albumentations would drop with a
-    mere warning (misspelled, renamed) into an error. No Normalize: normalize() does whole batches on the device, so
-    a worker ships a quarter of the bytes and does a fifth less work per image: the same cores feed a GPU faster."""
+    """The training augmentation, on uint8 pixels (normalize() does whole batches on the device, so a worker ships a
+    quarter of the bytes); strict=True makes an argument Albumentations would drop (misspelled, renamed) an error."""
     mean_pixel = tuple(round(255 * m) for m in CIFAR10_MEAN)  # the mean colour, so a hole normalizes to ~0
     return A.Compose([
         A.HorizontalFlip(p=0.5),
@@ -91,9 +90,8 @@ def test_transform():
 
 
 class CIFAR10Albumentations(Dataset):
-    """uint8 height x width x channel images and labels -> (uint8 3 x 32 x 32 tensor, label). Index i is image i.
-    (A detail to skip on a first read: EpochSampler hands out epoch * len(self) + i, and that number seeds the
-    augmentation, so an image's look depends on (seed, epoch, image) alone, not on the workers or a resume.)"""
+    """uint8 height x width x channel images and labels -> (uint8 3 x 32 x 32 tensor, label). The index (from
+    EpochSampler: epoch * len(self) + image) seeds the augmentation, so workers and resumes do not change it."""
 
     def __init__(self, images, labels, transform, seed=0):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
@@ -133,8 +131,7 @@ def make_loaders(data, cfg, device):
     """Shuffled training loader (per-epoch order from EpochSampler) and an unshuffled test loader."""
     cv2.setNumThreads(0)  # also when augmenting in this process (--workers 0): the model's threads need the cores
     train_images, train_labels, test_images, test_labels = data
-    # A GPU eats tens of thousands of images a second and a worker augments a few thousand: all cores but one. On a
-    # CPU the workers share the cores with training, and one keeps up (--benchmark).
+    # A GPU eats tens of thousands of images a second, a worker augments a few thousand; on a CPU one keeps up.
     cores = (os.cpu_count() or 1) - 1
     workers = (min(16, cores) if device.type != "cpu" else min(1, cores)) if cfg.workers == "auto" else cfg.workers
     # A private generator: the loader's worker seeds must not draw from the global RNG that dropout uses, or a
@@ -153,11 +150,9 @@ def make_loaders(data, cfg, device):
 class Net(nn.Module):
     """C1 -> C5 -> global average pooling -> Linear: 195k parameters, 24 M multiply-adds, receptive field 79.
 
-    Multiply-adds are expensive at 32 x 32 and parameters are cheap there, so the net goes down to 16 x 16
-    after two convs and to 8 x 8 at C4, each time with a stride-2 conv: unlike MaxPool it learns what to keep.
-    Dilated convs (C3, C5) widen the view without more parameters or another downsampling, so the last
-    conv sees 79 pixels across, the whole image with margin. Widths grow where positions are few:
-    16 channels at 32 x 32, 48 (96 inside the bottlenecks) at 16 x 16, 176 at 8 x 8."""
+    Multiply-adds are expensive at 32 x 32, so the net goes down to 16 x 16 after two convs and to 8 x 8 at C4,
+    each time with a stride-2 conv: unlike MaxPool it learns what to keep. Dilated convs (C3, C5) widen the view
+    without more parameters, so the last conv sees 79 pixels across. Widths grow where positions are few."""
 
     def __init__(self, dropout=DROPOUT, num_classes=len(CLASSES)):
         super().__init__()
@@ -166,8 +161,7 @@ class Net(nn.Module):
             # the costliest to compute and store, and edge and colour filters need few channels.
             C1=nn.Sequential(ConvBNAct(3, 16), Residual(ConvBNAct(16, 16))),
             # C2, 16 x 16: a stride-2 conv replaces MaxPool, then two inverted bottlenecks: 48 channels between
-            # units, 96 inside, where the depthwise 3 x 3 conv looks around. They learned the most per epoch
-            # of every 16 x 16 stage we measured.
+            # units, 96 inside, where the depthwise 3 x 3 conv looks around.
             C2=nn.Sequential(ConvBNAct(16, 48, stride=2), Residual(InvertedBottleneck(48)),
                              Residual(InvertedBottleneck(48))),
             # C3, 16 x 16: two more, the first dilated (dilation 2 spans 5 x 5 with 3 x 3 weights).
@@ -180,8 +174,7 @@ class Net(nn.Module):
             C5=nn.Sequential(Residual(DepthwiseSeparable(176, 176, dilation=2)),
                              Residual(DepthwiseSeparable(176, 176, dilation=2))),
         ))
-        # Dropout on the pooled features, before the classifier, as in MobileNet and EfficientNet. Dropout on
-        # every feature map instead cost 15 % of the CPU step time (drawing a random mask per value).
+        # Dropout on the pooled features, as in MobileNet and EfficientNet: on every feature map it is costly.
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(176, num_classes))
 
@@ -190,10 +183,8 @@ class Net(nn.Module):
 
 
 class ConvBNAct(nn.Sequential):
-    """k x k convolution -> BatchNorm -> SiLU. SiLU (x * sigmoid(x), "swish", EfficientNet's activation) instead of
-    ReLU passes a little of each negative input and bends smoothly, so a narrow net keeps more of what its few
-    channels carry: +0.7 points at 20 epochs (three seeds), for 11 % more CPU time per step. Not in place: SiLU's
-    backward needs its input, which an in-place SiLU overwrites, so autograd would first save a copy: 5 % slower."""
+    """k x k convolution -> BatchNorm -> SiLU. SiLU (x * sigmoid(x)) passes a little of each negative input, so a
+    narrow net keeps more of what its few channels carry than with ReLU. Not in place: its backward needs its input."""
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
         super().__init__(
@@ -247,10 +238,8 @@ def conv2d(in_channels, out_channels, kernel_size=3, stride=1, dilation=1, group
 
 class DilatedConv2d(nn.Conv2d):
     """A CPU speed optimization; skip it on a first read: an nn.Conv2d with dilation, computed differently. On a CPU
-    it runs as the same undilated conv on the d x d interleaved sub-grids of its input ("space to batch", as in
-    TensorFlow's atrous_conv2d): same weights, same outputs. oneDNN, PyTorch's CPU conv library, took 14-35x as long
-    for a dilated depthwise conv's backward pass as for an undilated one; regrouped, a whole step ran up to 1.6x
-    faster. GPUs take the plain path."""
+    it runs as the same undilated conv on the d x d interleaved sub-grids of its input ("space to batch"): same
+    outputs, as PyTorch's CPU kernels for dilated depthwise convs are slow. GPUs take the plain path."""
 
     def __init__(self, in_channels, out_channels, kernel_size, dilation, groups=1):
         super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
@@ -287,9 +276,8 @@ def normalize(images, device):
 
 
 def amp_dtype(device):
-    """The reduced precision the device's tensor cores compute convs in, about twice as fast as float32: bfloat16
-    on NVIDIA GPUs since Ampere, float16 (with loss scaling, see train()) before, as a T4 (Colab's free GPU) emulates
-    bfloat16 slowly. None, float32, on a CPU or Apple MPS, where reduced precision gained little here."""
+    """The reduced precision of the device's fast convs: bfloat16 on NVIDIA GPUs since Ampere, float16 (with loss
+    scaling) before, as a T4 emulates bfloat16 slowly; None (float32) on a CPU or Apple MPS, where it gained little."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -301,9 +289,8 @@ def autocast(device):
 
 
 def mixup_alpha(cfg, epoch):
-    """The mixup strength of an epoch: 0 at the first, rising linearly to MIXUP halfway through training, then held.
-    Early on the net has yet to learn the plain images; late in a long run it fits them too well (at 75 epochs
-    99 % of the training images against 92.5 % of the test images): the blend is the regularizer for that."""
+    """The mixup strength of an epoch: 0 at the first, rising linearly to MIXUP halfway through training, then held:
+    early on the net has yet to learn the plain images, late in a long run it fits them too well."""
     return cfg.mixup * min(1.0, (epoch - 1) / max(1, cfg.epochs // 2))
 
 
@@ -316,10 +303,8 @@ def mix_batch(images, labels, alpha, rng):
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, criterion, scaler, average, mixup, rng):
-    """One pass over the (uint8 images, labels) batches; OneCycleLR and the weight average (if any) step after each.
-    With mixup > 0, mix_batch() blends each batch, drawing from rng. Returns (mean loss, accuracy %); under mixup a
-    prediction counts lam for the first label, 1 - lam for the other. Loss and hits add up on the device and are
-    read once at the end: a per-step .item() would make the CPU wait for the GPU every step."""
+    """One pass over the batches, stepping OneCycleLR and the weight average after each; returns (mean loss,
+    accuracy %). Sums stay on the device until the end: a per-step .item() would make the CPU wait for the GPU."""
     device = next(model.parameters()).device
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -351,8 +336,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, scaler, ave
 
 @torch.no_grad()
 def predict(model, loader, device, tta=False, desc=None):
-    """Logits (float32, on the CPU) for every image in loader, in order, and the labels; with tta, the mean over each
-    image and its mirror image. With desc, the pass shows its progress."""
+    """Logits (float32, on the CPU) for every image in loader, and the labels; with tta, averaged with the mirror's."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in progress(loader, desc or "test", plain_lines=desc is not None):
@@ -376,17 +360,14 @@ def evaluate(model, loader, device, tta=False):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW. Adam's own weight_decay adds an L2 term to the gradient, which Adam then rescales like any gradient, so
-    it hardly holds back the weights whose gradients are large; AdamW shrinks every weight by lr x weight_decay apart
-    from the gradient: +0.6 points, at 20 epochs and at 75. fused: one CUDA kernel updates all parameters."""
+    """AdamW: Adam's own weight_decay is a gradient term that Adam rescales like any other, so it hardly holds back
+    weights with large gradients; AdamW shrinks every weight by lr x weight_decay apart from the gradient."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
 def make_scheduler(optimizer, cfg, steps_per_epoch):
-    """OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch so the curve is
-    smooth; the high middle explores, the long tail settles into a minimum. Adam moves each weight by about the
-    learning rate per step whatever the gradient's size, and these conv weights are ~0.05: a peak of 1e-2 kept
-    rewriting them, and test accuracy stalled near 70 % for half of a 20-epoch run."""
+    """OneCycle: warm up from LR to MAX_LR, then cosine-anneal to almost zero, stepping every batch; the high middle
+    explores, the long tail settles. Adam moves each weight by about lr a step, and these weights are ~0.05."""
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
         pct_start=cfg.pct_start, anneal_strategy="cos", div_factor=cfg.max_lr / cfg.lr)
@@ -394,9 +375,8 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
 class WeightAverage:
     """An exponential moving average of a model's weights and BatchNorm statistics: the model we test and keep. Each
-    step's weights wander around the valley the optimizer is in; their average sits nearer its floor, so it tests
-    better while the learning rate is high, and at least as well at the end. The decay warms up as (1 + t) / (10 + t),
-    as in TensorFlow and timm, so even a short run forgets the random start; it reaches 0.999 after ~9,000 steps."""
+    step's weights wander around the valley the optimizer is in, and their average sits nearer its floor. The decay
+    warms up as (1 + t) / (10 + t), as in TensorFlow and timm, so even a short run forgets the random start."""
 
     def __init__(self, model, decay):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -406,8 +386,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model):
         if model is not self.source:
-            # Pair the tensors once: state_dict() costs 1-2 ms of Python a step that a GPU would wait for, and the
-            # pairs stay valid because training changes the tensors in place. The update runs fused on a GPU.
+            # Pair the tensors once (state_dict() costs 1-2 ms a step); training changes them in place.
             pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
             floats = [pair for pair in pairs if pair[0].is_floating_point()]
             self.averages, self.latest = [average for average, _ in floats], [now for _, now in floats]
@@ -501,8 +480,7 @@ def train(cfg, data, device, out, checkpoint=None):
 
 
 # ========================================================================================================
-# Below: the product's plumbing, which a first read may skip: reading the data files, checkpoints and resume, the
-# layer table, progress lines, reports, using a trained model, the benchmark and the command line.
+# Below: the product's plumbing, which a first read may skip.
 class UserError(Exception):
     """A problem the user can fix (bad data, flag, checkpoint or folder): main() prints it on one line."""
 
@@ -545,8 +523,7 @@ def read_batch_file(path):
 
 
 def find_batch_folder(data_dir):
-    """DATA_DIR/cifar-10-batches-py, or DATA_DIR itself when it is that folder: --data-dir data/cifar-10-batches-py
-    is a common slip, and taking it literally would download a second copy inside the first."""
+    """DATA_DIR/cifar-10-batches-py, or DATA_DIR itself when it is that folder (a common slip)."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
         raise UserError(f"--data-dir {data_dir} is a file, not a folder; give the folder that holds {BATCH_FOLDER} "
@@ -556,8 +533,7 @@ def find_batch_folder(data_dir):
 
 
 def load_cifar10(data_dir):
-    """(train_images, train_labels, test_images, test_labels), downloaded by torchvision if missing (and the folders
-    the download made removed if it fails, so a typo leaves nothing behind)."""
+    """(train_images, train_labels, test_images, test_labels), downloaded by torchvision if missing."""
     folder = find_batch_folder(data_dir)
     if not folder.is_dir():
         made = [parent for parent in (folder.parent, *folder.parent.parents) if not parent.exists()]
@@ -597,8 +573,7 @@ def device_and_data(cfg):
 
 # ------------------------------------------------------------------------------ files, written atomically
 def save(content, path):
-    """Write a matplotlib Figure, text lines or what torch.save takes to a temporary file, then rename it over path:
-    a rename is atomic, so a kill at any moment leaves the old file or the new one."""
+    """Write a Figure, text lines or what torch.save takes beside path, then rename it over path (atomic)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -714,9 +689,7 @@ def restore_checkpoint(checkpoint, state):
 
 
 def read_resume_checkpoint(cfg, typed):
-    """--resume: the checkpoint and its run's settings. Only this machine's settings may change: another typed flag
-    is ignored, with a note, as a resumed run must end as the uninterrupted one would have. Unless typed, the data
-    and output folders are the run's own."""
+    """--resume: the checkpoint and its run's settings; of the flags typed, only this machine's settings count."""
     checkpoint = load_checkpoint_file(cfg.resume, "--resume checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         hint = " (best_model.pth holds weights only: resume from last_checkpoint.pth)" if is_state_dict(checkpoint) \
@@ -783,10 +756,8 @@ def planned_learning_rates(cfg, steps_per_epoch):
 
 # ------------------------------------------------------------------------------------------- layer table
 def layer_table(model):
-    """A row per convolution and linear layer in the order a forward pass runs them: name, kind, output shape,
-    receptive field (pixels across that one output position sees), parameters (BatchNorm's not included) and
-    multiply-adds per image. The receptive field grows by (kernel - 1) * dilation * jump at each conv, jump being the
-    product of the strides so far; residual shortcuts skip convs, so the path through every conv sets it."""
+    """A row per conv and linear layer, in forward order: name, kind, output shape, receptive field, parameters and
+    multiply-adds. The receptive field grows by (kernel - 1) * dilation * (product of the strides so far) per conv."""
     rows, receptive_field, jump = [], 1, 1
 
     def record(name):
@@ -838,10 +809,8 @@ def duration(seconds):
 
 
 def progress(batches, desc, plain_lines=True, epochs_left=0):
-    """Yields the (images, labels) batches while showing progress: tqdm's bar on a terminal. Elsewhere (nohup,
-    | tee, a notebook's !python, SLURM) a bar's redraws pile up in the log, so with plain_lines a line every tenth of
-    the pass instead. With epochs_left, the first batches are timed and one line says how long an epoch and those
-    epochs will take; a test pass adds about a fifteenth (forward only, over a fifth as many images)."""
+    """Yields the batches while showing progress: tqdm's bar on a terminal, elsewhere (a log) a line every tenth. With
+    epochs_left, one line after the first batches says how long an epoch and the rest will take."""
     bar = tqdm(total=len(batches), desc=desc, leave=False, dynamic_ncols=True) if sys.stderr.isatty() else None
     total, start, shown, seen, after_first = len(batches), time.perf_counter(), 0, 0, 0.0
     timed = max(2, min(30, total // 10))  # the batch after which to estimate; the first, slow one is left out
@@ -867,8 +836,7 @@ def progress(batches, desc, plain_lines=True, epochs_left=0):
 
 
 # =============================================================================================== reports
-# Pictures of what the model learned, written as files (matplotlib's Figure without pyplot: no window,
-# no global state, nothing that blocks).
+# matplotlib's Figure without pyplot: no window, no global state, nothing that blocks.
 REPORT_FILES = ("per_class.csv", "confusion_matrix.png", "misclassified.png")
 
 
@@ -1020,9 +988,8 @@ def to_cifar_size(image):
 
 @torch.no_grad()
 def classify(model, images, top=3, batch_size=256):
-    """uint8 height x width x 3 RGB images (any size; see to_cifar_size), a list or one -> for each image, its `top`
-    most likely classes as (name, probability) pairs, most likely first (for one image, its pairs alone).
-    `model` should be in eval mode (load_model's is)."""
+    """uint8 height x width x 3 RGB images of any size, a list or one -> for each, its `top` most likely classes as
+    (name, probability) pairs. `model` should be in eval mode (load_model's is)."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         return classify(model, [images], top, batch_size)[0]
     device, results = next(model.parameters()).device, []
@@ -1088,8 +1055,7 @@ def benchmark(cfg):
     train_speed = images_per_second(lambda: train_one_epoch(step_model, batches, optimizer, scheduler, criterion,
                                                             scaler, average, 0.0, None), 10 * cfg.batch_size)
     eval_speed = images_per_second(lambda: predict(step_model, batches, device), 10 * cfg.batch_size)
-    # As many stand-in images as CIFAR-10's training set: a pass lasts as long as a real epoch, so the many
-    # workers of a GPU run are all busy, not waiting at the end of a short pass.
+    # As many stand-in images as CIFAR-10's: the workers are measured busy, not waiting at the end of a short pass.
     fake_images = np.random.default_rng(cfg.seed).integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
     loader, _ = make_loaders((fake_images, np.zeros(50_000, np.int64)) * 2, cfg, device)
     indices = itertools.count()
@@ -1157,8 +1123,7 @@ def get_args_parser():
     s.add_argument("--dropout", type=fraction, default=DROPOUT, help="dropout before the linear head")
     s.add_argument("--label-smoothing", type=fraction, default=LABEL_SMOOTHING,
                    help="share of the target spread over all classes: 0.1 makes the true class's target 0.91")
-    s.add_argument("--ema-decay", type=fraction, default=EMA_DECAY,
-                   help="per-step decay of the weight average that is tested and kept; 0 turns it off")
+    s.add_argument("--ema-decay", type=fraction, default=EMA_DECAY, help="weight average's decay; 0 turns it off")
     s.add_argument("--affine-p", type=probability, default=AFFINE_P, help="share of images shifted, scaled, rotated")
     s.add_argument("--cutout-p", type=probability, default=CUTOUT_P, help="share of images with a 16 x 16 hole")
     s.add_argument("--mixup", type=non_negative, default=MIXUP, help="mixup strength from mid-run on; 0 is off")
@@ -1169,11 +1134,10 @@ def get_args_parser():
     s.add_argument("--data-dir", default=DATA_DIR, help="holds cifar-10-batches-py/ (downloaded there if missing)")
     s.add_argument("--out-dir", default=OUT_DIR, help="where the run's files go")
     s.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=OVERWRITE,
-                   help="let a new run replace an earlier run's files in --out-dir, or --eval its reports")
+                   help="let a new run, or --eval, replace earlier files in --out-dir")
     s.add_argument("--init-from", metavar="CHECKPOINT", default=INIT_FROM, help="start a new run from these weights "
                    "(best_model.pth or last_checkpoint.pth) with the settings given (--resume keeps the run's own)")
-    s.add_argument("--workers", type=worker_count, default=WORKERS,
-                   help="DataLoader worker processes, or auto: all cores but one (at most 16) with a GPU, 1 on a CPU")
+    s.add_argument("--workers", type=worker_count, default=WORKERS, help="DataLoader worker processes, or auto")
     s.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEVICE, help="auto: CUDA, MPS or CPU")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE, help="torch.compile the model")
     action = parser.add_argument_group("instead of a new run (one of)").add_mutually_exclusive_group()
@@ -1181,12 +1145,10 @@ def get_args_parser():
     action.add_argument("--eval", metavar="CHECKPOINT", help="test these weights on the CIFAR-10 test set, which it "
                         "needs (--data-dir), and write per_class.csv, confusion_matrix.png and misclassified.png "
                         "beside them (or into --out-dir)")
-    action.add_argument("--benchmark", action="store_true", help="print multiply-adds, parameters, images/s and the "
-                        "minutes they mean; needs no data")
+    action.add_argument("--benchmark", action="store_true", help="print images/s and minutes; needs no data")
     action.add_argument("--predict", nargs="+", metavar="IMAGE", help="print the three most likely classes of each "
                         "image file (PNG, JPEG, ...; any size), or of each image in a folder")
-    parser.add_argument("--weights", metavar="CHECKPOINT", help="the weights --predict uses (if not given: "
-                        "best_model.pth in --out-dir)")
+    parser.add_argument("--weights", metavar="CHECKPOINT", help="for --predict; default: best_model.pth in --out-dir")
     return parser
 
 
