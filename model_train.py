@@ -107,13 +107,10 @@ class CIFAR10Albumentations(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Shuffles anew each epoch from (seed, epoch) alone and tags each index with its epoch (see above)."""
+    """Shuffles anew each epoch from (seed, .epoch) alone and tags each index with its epoch (see above)."""
 
     def __init__(self, num_images, seed):
         self.num_images, self.seed, self.epoch = num_images, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def __len__(self):
         return self.num_images
@@ -326,7 +323,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, scaler, ave
         scaler.update()
         scheduler.step()
         if average:
-            average.update(model)
+            average.update()
         loss_sum += loss.detach() * len(labels)
         predicted = logits.argmax(1)
         correct += (predicted == labels).sum() if mixup == 0 else \
@@ -381,17 +378,16 @@ class WeightAverage:
     def __init__(self, model, decay):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
-        self.source = None  # the model whose tensors self.averages and self.latest hold (see update)
+        # Each averaged tensor beside `model`'s own, paired once (state_dict() costs 1-2 ms a step), as training
+        # changes `model`'s tensors in place. BatchNorm's step counts (integers) are copied, not averaged.
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self.averages = [average for average, now in pairs if average.is_floating_point()]
+        self.latest = [now for average, now in pairs if average.is_floating_point()]
+        self.counters = [(average, now) for average, now in pairs if not average.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model):
-        if model is not self.source:
-            # Pair the tensors once (state_dict() costs 1-2 ms a step); training changes them in place.
-            pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-            floats = [pair for pair in pairs if pair[0].is_floating_point()]
-            self.averages, self.latest = [average for average, _ in floats], [now for _, now in floats]
-            self.counters = [pair for pair in pairs if not pair[0].is_floating_point()]  # BatchNorm's step counts
-            self.source = model
+    def update(self):
+        """Move the average towards the model it was made from, after an optimizer step."""
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(self.averages, self.latest, None)
@@ -427,12 +423,12 @@ def train(cfg, data, device, out, checkpoint=None):
     # The weights tested after each epoch, and kept when they improve: the average's, if there is one.
     kept_model, test_model = (average.model, average.model) if average else (model, step_model)
 
-    print(" ".join(f"{key:>{WIDTHS[key]}}" for key in METRICS))
+    print(" ".join(f"{key:>10}" for key in METRICS))
     first_epoch = len(history) + 1
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.epoch = epoch
             batches = progress(train_loader, f"epoch {epoch}/{cfg.epochs}",  # and once, how long the run will take
                                epochs_left=cfg.epochs - epoch + 1 if epoch == first_epoch else 0)
             rng = np.random.default_rng([cfg.seed, epoch, 1])  # mixup's draws: from (seed, epoch) alone, as the order
@@ -441,7 +437,7 @@ def train(cfg, data, device, out, checkpoint=None):
             test_loss, test_acc = evaluate(test_model, test_loader, device)
             row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                        test_acc=test_acc, seconds=time.perf_counter() - start)
-            tqdm.write(" ".join(f"{row[key]:>{WIDTHS[key]}{spec}}" for key, spec in METRICS.items()))
+            tqdm.write(" ".join(f"{row[key]:>10{spec}}" for key, spec in METRICS.items()))
             # Best weights first, then the checkpoint that records them: a kill in between costs only a rerun of
             # this epoch, which gives the same result.
             if test_acc > best["acc"]:
@@ -455,11 +451,10 @@ def train(cfg, data, device, out, checkpoint=None):
                 tqdm.write(f"target reached: {test_acc:.2f} % >= {cfg.target_acc} % at epoch {epoch}")
     except KeyboardInterrupt:
         if not history:
-            raise KeyboardInterrupt("before the first epoch finished; nothing was saved") from None
-        plot_curves(history, planned_learning_rates(cfg, len(train_loader)), cfg, out / "curves.png")
+            raise KeyboardInterrupt("before the first epoch finished; nothing was saved")
+        plot_curves(history, cfg, out / "curves.png")
         raise KeyboardInterrupt(f"every finished epoch ({len(history)} of {cfg.epochs}) is saved, and curves.png; "
-                                f"continue with: python model_train.py --resume {out / 'last_checkpoint.pth'}") \
-            from None
+                                f"continue with: python model_train.py --resume {out / 'last_checkpoint.pth'}")
 
     if max(row["test_acc"] for row in history) < cfg.target_acc:
         print(f"target {cfg.target_acc} % not reached")
@@ -474,7 +469,7 @@ def train(cfg, data, device, out, checkpoint=None):
     best_epoch = max(history, key=lambda row: row["test_acc"])["epoch"]
     weights = f"best_model.pth, epoch {best_epoch}"
     final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out, weights)
-    plot_curves(history, planned_learning_rates(cfg, len(train_loader)), cfg, out / "curves.png")
+    plot_curves(history, cfg, out / "curves.png")
     write_results(out, cfg, history, **final)
     print(f"wrote curves.png and results.json to {out}")
 
@@ -595,8 +590,8 @@ def save(content, path):
             os.unlink(tmp)
 
 
+# metrics.csv's columns and their formats; the console's table of epochs shows them 10 characters wide.
 METRICS = dict(epoch="d", lr=".3e", train_loss=".4f", train_acc=".2f", test_loss=".4f", test_acc=".2f", seconds=".1f")
-WIDTHS = {key: max(len(key), 9) for key in METRICS}  # of the columns of the table of epochs
 
 
 def write_metrics_csv(history, path):
@@ -725,10 +720,9 @@ def start_training(cfg, typed):
     found = [name for name in ("best_model.pth", "last_checkpoint.pth") if (out / name).exists()]
     continuing = cfg.resume and Path(cfg.resume).resolve().parent == out.resolve()
     if found and not cfg.overwrite and not continuing:
-        them = "them" if len(found) > 1 else "it"
         hint = f"; --resume {out / 'last_checkpoint.pth'} continues that run" if "last_checkpoint.pth" in found else ""
         raise UserError(f"{out} already holds {' and '.join(found)} from an earlier run: give another --out-dir to "
-                        f"keep {them}, or add --overwrite to replace {them}{hint}")
+                        f"keep that run's files, or add --overwrite to replace them{hint}")
     if checkpoint and not continuing:  # resumed into another folder: the run's files go there now
         save(checkpoint["best_model"], out / "best_model.pth")
         save(checkpoint, out / "last_checkpoint.pth")
@@ -742,22 +736,11 @@ def start_training(cfg, typed):
     train(cfg, data, device, out, checkpoint)
 
 
-def planned_learning_rates(cfg, steps_per_epoch):
-    """The learning rate of every step of a run's schedule, from the scheduler itself on a stand-in parameter."""
-    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    rates = []
-    for _ in range(cfg.epochs * steps_per_epoch):
-        rates.append(scheduler.get_last_lr()[0])
-        optimizer.step()  # no gradient, so nothing changes; the scheduler expects a step before its own
-        scheduler.step()
-    return rates
-
-
 # ------------------------------------------------------------------------------------------- layer table
 def layer_table(model):
     """A row per conv and linear layer, in forward order: name, kind, output shape, receptive field, parameters and
     multiply-adds. The receptive field grows by (kernel - 1) * dilation * (product of the strides so far) per conv."""
+    model = copy.deepcopy(model).eval()  # a copy to hook and run: the caller's model stays as it was
     rows, receptive_field, jump = [], 1, 1
 
     def record(name):
@@ -775,14 +758,11 @@ def layer_table(model):
                              receptive_field=receptive_field, parameters=sum(p.numel() for p in module.parameters())))
         return hook
 
-    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(record(name))
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
-    model.train(was_training)
-    for hook in hooks:
-        hook.remove()
+        model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
     return rows
 
 
@@ -846,32 +826,17 @@ def report(model, test_loader, device, cfg, out, weights):
     loss, acc = loss_and_accuracy(logits, labels)
     tta_acc = evaluate(model, test_loader, device, tta=True)[1] if cfg.tta else None
     print(f"test loss {loss:.4f}, accuracy {acc:.2f} %" + (f"; with flip TTA {tta_acc:.2f} %" if cfg.tta else ""))
-    counts = confusion_matrix(logits.argmax(1), labels)
+    counts = np.bincount(10 * labels + logits.argmax(1), minlength=100).reshape(10, 10)  # [true class, predicted]
     write_per_class(counts, out / "per_class.csv")
     plot_confusion_matrix(counts, out / "confusion_matrix.png", weights)
-    wrong = misclassified(logits, labels, cfg.misclassified)
-    plot_misclassified([test_loader.dataset.images[i] for i, *_ in wrong],  # the stored height x width x 3 pixels
-                       [f"{true} → {predicted} ({confidence:.0%})" for _, true, predicted, confidence in wrong],
-                       out / "misclassified.png", weights)
+    plot_misclassified(logits, labels, test_loader.dataset.images, cfg.misclassified, out / "misclassified.png",
+                       weights)
     print(f"wrote {', '.join(REPORT_FILES)} to {out}")
     return tta_acc
 
 
-def confusion_matrix(predictions, labels, num_classes=len(CLASSES)):
-    """counts[true, predicted]."""
-    flat = np.asarray(labels) * num_classes + np.asarray(predictions)
-    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def misclassified(logits, labels, limit):
-    """The first `limit` test images the model gets wrong: (index, true class, predicted class, confidence)."""
-    probabilities, predictions = logits.softmax(1).max(1)
-    wrong = (predictions != labels).nonzero().flatten()[:limit].tolist()
-    return [(i, CLASSES[labels[i]], CLASSES[predictions[i]], probabilities[i].item()) for i in wrong]
-
-
-def plot_curves(history, learning_rates, cfg, path):
-    """Loss and accuracy per epoch and the learning rate of every step, titled with the run's settings."""
+def plot_curves(history, cfg, path):
+    """Loss, accuracy and learning rate per epoch (metrics.csv's columns), titled with the run's settings."""
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(13, 4), layout="constrained")
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
@@ -881,9 +846,8 @@ def plot_curves(history, learning_rates, cfg, path):
             ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=label)
         ax.set(title=title)
         ax.legend()
-    lr_ax.plot([step * cfg.epochs / len(learning_rates) for step in range(len(learning_rates))], learning_rates,
-               color="tab:green")
-    lr_ax.set(title="learning rate (every step)", xlim=(0, cfg.epochs))
+    lr_ax.plot(epochs, [row["lr"] for row in history], marker=".", color="tab:green")
+    lr_ax.set(title="learning rate (at each epoch's start)")
     for ax in fig.axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, never 0.5
@@ -897,12 +861,15 @@ def plot_curves(history, learning_rates, cfg, path):
     return fig
 
 
-def plot_misclassified(images, captions, path, weights, columns=5):
-    rows = max(1, math.ceil(len(images) / columns))
+def plot_misclassified(logits, labels, images, limit, path, weights, columns=5):
+    """The first `limit` test images (the stored height x width x 3 pixels) that the model gets wrong."""
+    probabilities, predictions = logits.softmax(1).max(1)
+    wrong = (predictions != labels).nonzero().flatten()[:limit].tolist()
+    rows = max(1, math.ceil(len(wrong) / columns))
     fig = Figure(figsize=(2.3 * columns, 2.5 * rows + 0.4))
-    for ax, image, caption in zip(fig.subplots(rows, columns, squeeze=False).flat, images, captions):
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(caption, fontsize=8)
+    for ax, i in zip(fig.subplots(rows, columns, squeeze=False).flat, wrong):
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(f"{CLASSES[labels[i]]} → {CLASSES[predictions[i]]} ({probabilities[i].item():.0%})", fontsize=8)
     for ax in fig.axes:
         ax.axis("off")
     fig.suptitle(f"test images that {weights} gets wrong: true → predicted (the prediction's probability)")
@@ -980,8 +947,6 @@ def to_cifar_size(image):
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 height x width x 3 RGB image, got {image.dtype} of shape {image.shape}")
-    if image.shape[:2] == (32, 32):
-        return image
     shrinking = image.shape[0] > 32 or image.shape[1] > 32
     return cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
@@ -1040,10 +1005,8 @@ def images_per_second(step, images_per_step, seconds=3.0):
 def benchmark(cfg):
     """--benchmark: the speed of the training step, test pass, augmentation and DataLoader, in images/s and minutes."""
     device = select_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = Net(cfg.dropout)
+    model = Net(cfg.dropout).to(device, memory_format=torch.channels_last)
     describe_model(model)
-    model = model.to(device, memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     batches = [(torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8),
                 torch.randint(0, 10, (cfg.batch_size,)))] * 10

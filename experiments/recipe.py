@@ -79,7 +79,7 @@ def train_one_epoch_uniform_mixup(model, batches, optimizer, scheduler, criterio
         scaler.update()
         scheduler.step()
         if average:
-            average.update(model)
+            average.update()
         loss_sum += loss.detach() * len(labels)
         hits = logits.argmax(1)
         correct += ((1 - lam) * (hits == labels) + lam * (hits == partners)).sum()

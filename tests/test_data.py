@@ -114,7 +114,7 @@ def test_affine_and_cutout_probabilities_come_from_the_flags(data_dir):
     def training_images(*flags):
         cfg = mt.get_args_parser().parse_args(["--workers", "0", "--batch-size", "64", *flags])
         loader, _ = mt.make_loaders(data, cfg, torch.device("cpu"))
-        loader.sampler.set_epoch(0)
+        loader.sampler.epoch = 0
         index = list(loader.sampler)[:64]  # epoch 0: the first batch's image numbers, in order
         batch = next(iter(loader))[0]
         assert batch.dtype == torch.uint8  # pixels; normalize() makes floats of them
@@ -177,10 +177,10 @@ def test_augmentation_depends_on_seed_epoch_and_image_only():
     other_seed = mt.CIFAR10Albumentations(images, labels, mt.train_transform(), seed=8)
     assert not all(torch.equal(dataset[i][0], other_seed[i][0]) for i in range(20))
     sampler = mt.EpochSampler(50, seed=1)
-    sampler.set_epoch(1)
+    sampler.epoch = 1
     first = list(sampler)
     assert sorted(first) == list(range(50, 100)) and first == list(sampler)  # epoch 1's tags, the same again
-    sampler.set_epoch(2)
+    sampler.epoch = 2
     assert [i - 100 for i in sampler] != [i - 50 for i in first]
 
 
@@ -190,7 +190,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(data_dir):
     def first_batches(workers):
         cfg = Namespace(workers=workers, seed=3, batch_size=16, affine_p=mt.AFFINE_P, cutout_p=mt.CUTOUT_P)
         loader, _ = mt.make_loaders(data, cfg, torch.device("cpu"))
-        loader.sampler.set_epoch(2)
+        loader.sampler.epoch = 2
         return [images for images, _ in list(loader)[:3]]
 
     for a, b in zip(first_batches(0), first_batches(2)):
