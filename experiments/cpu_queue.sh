@@ -5,8 +5,8 @@
 #
 #   nohup bash experiments/cpu_queue.sh [SCREENS] [RUNS] >> RUNS/queue.log 2>&1 &
 #
-# SCREENS defaults to experiments/screens/issue57_58.txt, RUNS to runs. MODEL_TRAIN_DIR (read by recipe.py) may name a
-# frozen copy of model_train.py's folder, so that commits made while a run goes on do not change it.
+# SCREENS defaults to experiments/screens/issue57_58.txt, RUNS to runs. So that commits made while a run goes on do not
+# change it, run the queue from a frozen copy of the repository (git worktree add ../frozen) with RUNS outside it.
 set -u
 screens=${1:-experiments/screens/issue57_58.txt}
 runs=${2:-runs}
