@@ -2,8 +2,7 @@
 
 `python model_train.py` trains with the settings below; `--help` lists the flags that change them, and the actions.
 Read top to bottom: settings, data, model and training, down to train(), then the plumbing below a divider.
-Importing it only defines things, so tests and DataLoader workers import it freely.
-"""
+Importing it only defines things, so tests and DataLoader workers import it freely."""
 import argparse
 import codecs
 import copy
@@ -184,9 +183,8 @@ class ConvBNAct(nn.Sequential):
     narrow net keeps more of what its few channels carry than with ReLU. Not in place: its backward needs its input."""
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, groups=1):
-        super().__init__(
-            conv2d(in_channels, out_channels, kernel_size, stride, dilation, groups),
-            nn.BatchNorm2d(out_channels), nn.SiLU())
+        super().__init__(conv2d(in_channels, out_channels, kernel_size, stride, dilation, groups),
+                         nn.BatchNorm2d(out_channels), nn.SiLU())
 
 
 class DepthwiseSeparable(nn.Sequential):
@@ -194,10 +192,8 @@ class DepthwiseSeparable(nn.Sequential):
     -> BatchNorm -> SiLU. About 8x fewer parameters and multiply-adds than a full 3 x 3 conv of equal width."""
 
     def __init__(self, in_channels, out_channels, stride=1, dilation=1):
-        super().__init__(
-            conv2d(in_channels, in_channels, 3, stride, dilation, groups=in_channels),
-            conv2d(in_channels, out_channels, 1),
-            nn.BatchNorm2d(out_channels), nn.SiLU())  # not in place: see ConvBNAct
+        super().__init__(conv2d(in_channels, in_channels, 3, stride, dilation, groups=in_channels),
+                         conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels), nn.SiLU())
 
 
 class InvertedBottleneck(nn.Sequential):
@@ -207,10 +203,8 @@ class InvertedBottleneck(nn.Sequential):
 
     def __init__(self, channels, expansion=2, dilation=1):
         wide = channels * expansion
-        super().__init__(
-            ConvBNAct(channels, wide, kernel_size=1),
-            ConvBNAct(wide, wide, dilation=dilation, groups=wide),
-            conv2d(wide, channels, 1), nn.BatchNorm2d(channels))
+        super().__init__(ConvBNAct(channels, wide, 1), ConvBNAct(wide, wide, dilation=dilation, groups=wide),
+                         conv2d(wide, channels, 1), nn.BatchNorm2d(channels))
 
 
 class Residual(nn.Module):
@@ -243,8 +237,7 @@ class DilatedConv2d(nn.Conv2d):
                          dilation=dilation, groups=groups, bias=False)
 
     def forward(self, x):
-        d = self.dilation[0]
-        n, c, h, w = x.shape
+        d, (n, c, h, w) = self.dilation[0], x.shape
         if x.device.type != "cpu" or h % d or w % d:
             return super().forward(x)
         hs, ws = h // d, w // d  # the size of each sub-grid
@@ -304,9 +297,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, criterion, scaler, ave
     accuracy %). Sums stay on the device until the end: a per-step .item() would make the CPU wait for the GPU."""
     device = next(model.parameters()).device
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = 0
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for images, labels in batches:
         seen += len(labels)
         images, labels = normalize(images, device), labels.to(device, non_blocking=True)
@@ -348,7 +339,6 @@ def predict(model, loader, device, tta=False, desc=None):
 
 
 def loss_and_accuracy(logits, labels):
-    """(cross-entropy loss, accuracy %)."""
     return F.cross_entropy(logits, labels).item(), 100.0 * (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
@@ -386,8 +376,7 @@ class WeightAverage:
         self.counters = [(average, now) for average, now in pairs if not average.is_floating_point()]
 
     @torch.no_grad()
-    def update(self):
-        """Move the average towards the model it was made from, after an optimizer step."""
+    def update(self):  # after each optimizer step: move towards the model it was made from
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(self.averages, self.latest, None)
@@ -402,6 +391,19 @@ class WeightAverage:
         self.steps = state["steps"]
 
 
+def compiled(model, cfg, device):
+    """torch.compile(model); where compiling fails (no C++ compiler, no Triton), one line why, and the model itself."""
+    weights, step_model = copy.deepcopy(model.state_dict()), torch.compile(model)
+    try:  # a stand-in training step, forward and backward; the weights and random state are put back after it
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device):
+            step_model(normalize(torch.zeros(cfg.batch_size, 3, 32, 32, dtype=torch.uint8), device)).sum().backward()
+    except Exception as e:  # Inductor and Triton raise many kinds; to a user each means the same
+        print(f"--compile: torch.compile does not work on this machine ({type(e).__name__}); going on without it")
+        step_model = model
+    model.load_state_dict(weights)
+    return step_model
+
+
 def train(cfg, data, device, out, checkpoint=None):
     """The whole run: train for cfg.epochs epochs, test after each, keep the best weights in best_model.pth and
     save everything a resumed run needs in last_checkpoint.pth; `checkpoint` (from --resume) is where to go on."""
@@ -411,7 +413,7 @@ def train(cfg, data, device, out, checkpoint=None):
     if cfg.init_from:  # start from trained weights instead of random ones
         load_weights(model, cfg.init_from, "--init-from")
     model = model.to(device, memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg, device) if cfg.compile else model
     train_loader, test_loader = make_loaders(data, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
@@ -466,8 +468,7 @@ def train(cfg, data, device, out, checkpoint=None):
         final["last_epoch_acc_without_averaging"] = acc = evaluate(model, test_loader, device)[1]
         print(f"without weight averaging, the last epoch's weights score {acc:.2f} %")
     model.load_state_dict(best["weights"])
-    best_epoch = max(history, key=lambda row: row["test_acc"])["epoch"]
-    weights = f"best_model.pth, epoch {best_epoch}"
+    weights = f"best_model.pth, epoch {max(history, key=lambda row: row['test_acc'])['epoch']}"
     final["best_test_acc_flip_tta"] = report(model, test_loader, device, cfg, out, weights)
     plot_curves(history, cfg, out / "curves.png")
     write_results(out, cfg, history, **final)
@@ -882,9 +883,8 @@ def plot_confusion_matrix(counts, path, weights):
     ax = fig.subplots()
     fig.colorbar(ax.imshow(shares, cmap="Blues", vmin=0, vmax=1), ax=ax, label="share of the true class")
     ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xlabel="predicted", ylabel="true",
-           title=f"confusion matrix of {weights} (test set)")
+           title=f"confusion matrix of {weights} (test set)", yticklabels=CLASSES)
     ax.set_xticklabels(CLASSES, rotation=45, ha="right")
-    ax.set_yticklabels(CLASSES)
     for (i, j), count in np.ndenumerate(counts):
         ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
     save(fig, path)
@@ -1007,7 +1007,7 @@ def benchmark(cfg):
     device = select_device(cfg.device)
     model = Net(cfg.dropout).to(device, memory_format=torch.channels_last)
     describe_model(model)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg, device) if cfg.compile else model
     batches = [(torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8),
                 torch.randint(0, 10, (cfg.batch_size,)))] * 10
     optimizer = make_optimizer(model, cfg, device)

@@ -189,6 +189,33 @@ def test_benchmark_prints_cost_speed_and_minutes(capsys, monkeypatch):
     assert out.count("an epoch, ") == 4 and out.count("for 3 epochs") == 4
 
 
+def test_compile_that_fails_at_its_first_step_trains_uncompiled_to_the_bit(
+        data_dir, trained_run, tmp_path, monkeypatch, capsys):
+    """torch.compile fails only when the compiled model first runs (no C++ compiler, no Triton): --compile then says
+    so on one line and trains as without it, to the bit, though its trial step moved BatchNorm and drew dropout."""
+    def compile_that_fails(model, **options):
+        def first_call(images):
+            model(images)
+            raise RuntimeError("no working C++ compiler")
+        return first_call
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    mt.main(train_args(data_dir, tmp_path, "--compile"))
+    assert capsys.readouterr().out.count("--compile: torch.compile does not work on this machine (RuntimeError)") == 1
+    assert metrics_without_seconds(tmp_path) == metrics_without_seconds(trained_run)
+    assert same_weights(tmp_path / "best_model.pth", trained_run / "best_model.pth")
+
+
+def test_compile_without_a_cpp_compiler_trains_after_one_line_not_a_traceback(data_dir, tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    argv = train_args(data_dir, tmp_path / "run", "--compile", epochs=1)
+    result = subprocess.run([sys.executable, "-c", RUN_MAIN, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--compile: torch.compile does not work on this machine (InductorError)" in result.stdout
+    assert (tmp_path / "run" / "best_model.pth").is_file()
+
+
 def test_weight_decay_is_decoupled_from_the_gradient():
     """With no gradient, a step shrinks each weight by lr x weight_decay (AdamW); Adam's L2 penalty would instead
     move every weight by about lr, whatever its size, as Adam normalizes the penalty like any gradient."""
