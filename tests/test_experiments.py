@@ -73,3 +73,12 @@ def test_the_cpu_queue_runs_two_lanes_side_by_side_one_thread_each_and_skips_or_
     assert b["argv"] == ["--seed", "2", "--out-dir", str(runs / "b"), "--resume",
                          str(runs / "b" / "last_checkpoint.pth")]
     assert a["partner"] and b["partner"] and a["threads"] == b["threads"] == "1"
+
+
+def test_compile_speed_times_both_models_side_by_side(monkeypatch, capsys):
+    import compile_speed
+    import model_train as mt
+    monkeypatch.setattr(mt, "compiled", lambda model, cfg, device: model)  # no compiler needed, no minute spent
+    compile_speed.main(["--rounds", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "round 1: eager" in out and "compiled / eager" in out
