@@ -6,8 +6,8 @@
 #   nohup bash experiments/cpu_queue.sh [SCREENS] [RUNS] >> RUNS/queue.log 2>&1 &
 #
 # SCREENS defaults to experiments/screens/issue57_58.txt, RUNS to runs. LANES=2 runs two at a time (the runs left,
-# dealt in turn to the lanes, one after another in each), one thread each: on 2 cores two such runs train about a
-# quarter more images in all than one run with both threads, and with two threads each both would crawl.
+# dealt in turn to the lanes, one after another in each), one thread each: on 2 cores two such runs trained 1.2-1.3
+# times the images of one run with both threads (docs/experiments.md), and with two threads each both would crawl.
 # So that commits made while a run goes on do not change it, run the queue from a frozen copy of the repository
 # (git worktree add ../frozen) with RUNS outside it.
 set -u
