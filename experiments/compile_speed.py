@@ -42,14 +42,10 @@ def main(argv=None):
     start = time.perf_counter()
     runners = dict(eager=step_runner(cfg, device, batches, False), compiled=step_runner(cfg, device, batches, True))
     print(f"set up, compiling included: {time.perf_counter() - start:.0f} s")
-    for run in runners.values():
-        run()  # warm-up
     rates = {name: [] for name in runners}
     for round_ in range(1, args.rounds + 1):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()  # ends with .item(), which waits for the device
-            rates[name].append(len(batches) * cfg.batch_size / (time.perf_counter() - start))
+        for name, run in runners.items():  # each pass ends with .item(), which waits for the device
+            rates[name].append(mt.images_per_second(run, len(batches) * cfg.batch_size))
         print(f"round {round_}: " + ", ".join(f"{name} {rate[-1]:,.0f}" for name, rate in rates.items()) + " images/s")
     ratio = np.array(rates["compiled"]) / np.array(rates["eager"])
     print(f"medians: eager {np.median(rates['eager']):,.0f}, compiled {np.median(rates['compiled']):,.0f} images/s; "

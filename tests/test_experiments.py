@@ -40,8 +40,6 @@ def test_compile_mode_compiles_the_model_in_the_mode_given(monkeypatch):
 FAKE_RUN = """
 import json, os, sys, time
 from pathlib import Path
-
-import pytest
 out = Path(sys.argv[sys.argv.index("--out-dir") + 1]); out.mkdir(parents=True, exist_ok=True)
 (out / "started").touch()
 others = lambda: [p for p in out.parent.glob("*/started") if p.parent != out]
